@@ -1,0 +1,172 @@
+"""The interface shared by every flow, and the typed config they are built from.
+
+Direction convention (used everywhere in transflow): ``forward`` maps data ``x`` to latent ``z``
+and returns ``log|det dz/dx|`` per sample; ``inverse`` maps latent to data. Hence
+
+    log p(x) = log N(z; 0, prior variance) + logdet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass
+class FlowConfig:
+    """Base of the model configs: a flat dataclass that round-trips through a plain dict / JSON."""
+
+    family: ClassVar[str] = ""
+
+    image_size: int = 32
+    channels: int = 3
+    patch_size: int = 4
+    num_classes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dict, with the model family under ``"model"``."""
+        d = {"model": self.family}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlowConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        d = dict(d)
+        family = d.pop("model", cls.family)
+        if family != cls.family:
+            raise ValueError(f"config is for model {family!r}, not {cls.family!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.family} config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> FlowConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.patch_size ** 2
+
+    @property
+    def dims(self) -> int:
+        """Number of data dimensions ``D = C * H * W``."""
+        return self.channels * self.image_size ** 2
+
+    def _check_common(self) -> None:
+        for name in ("image_size", "channels", "patch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size "
+                             f"{self.image_size}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+
+
+class Flow(nn.Module):
+    """A normalizing flow on images ``[B, C, H, W]`` with an optional class label ``y [B]``.
+
+    Labels are integers in ``[0, num_classes)``; ``-1`` (or ``y=None``) selects the unconditional
+    (null-class) branch of a class-conditional model.
+    """
+
+    config: FlowConfig
+
+    # -- the two directions, implemented by each family ----------------------------------------
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Data ``x [B, C, H, W]`` -> ``(z [B, C, H, W], logdet [B])``."""
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """Latent ``z [B, C, H, W]`` -> data ``x [B, C, H, W]``."""
+        raise NotImplementedError
+
+    # -- prior and density ----------------------------------------------------------------------
+    def prior_var(self) -> Tensor | None:
+        """Per-dimension prior variance ``[C, H, W]``, or ``None`` for the standard normal."""
+        return None
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """``log N(z; 0, prior variance)`` summed over dimensions, in fp32 (or fp64); ``[B]``."""
+        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        var = self.prior_var()
+        if var is None:
+            sq = z.pow(2).flatten(1).sum(1)
+            logvar = 0.0
+        else:
+            var = var.to(z.dtype)
+            sq = (z.pow(2) / var).flatten(1).sum(1)
+            logvar = var.log().sum()
+        d = z[0].numel()
+        return -0.5 * (sq + logvar + d * math.log(2 * math.pi))
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Natural-log density of ``x [B, C, H, W]`` under the flow; ``[B]``."""
+        z, logdet = self(x, y)
+        return self.prior_log_prob(z) + logdet
+
+    @torch.no_grad()
+    def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` images ``[n, C, H, W]``: ``z ~ N(0, temperature^2 * prior var)``, inverted."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        p = next(self.parameters())
+        c = self.config
+        z = torch.randn(n, c.channels, c.image_size, c.image_size, generator=generator,
+                        device=p.device, dtype=p.dtype) * temperature
+        var = self.prior_var()
+        if var is not None:
+            z = z * var.sqrt().to(z.dtype)
+        return self.inverse(z, y)
+
+    # -- input checks shared by both families --------------------------------------------------
+    def _check_input(self, x: Tensor, y: Tensor | None) -> Tensor | None:
+        """Validate ``x`` and ``y``; return ``y`` with ``-1`` mapped to the null-class index."""
+        c = self.config
+        want = (c.channels, c.image_size, c.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"expected input of shape [B, {want[0]}, {want[1]}, {want[2]}], "
+                             f"got {list(x.shape)}")
+        return self._check_labels(y, x.shape[0])
+
+    def _check_labels(self, y: Tensor | None, batch: int) -> Tensor | None:
+        k = self.config.num_classes
+        if y is None:
+            return None if k == 0 else torch.full((batch,), k, dtype=torch.long,
+                                                  device=next(self.parameters()).device)
+        if k == 0:
+            raise ValueError("labels were given but the model is unconditional (num_classes=0)")
+        if not isinstance(y, Tensor):
+            y = torch.as_tensor(y)
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+        y = y.reshape(-1) if y.dim() == 0 else y
+        if y.dim() != 1 or y.shape[0] != batch:
+            raise ValueError(f"expected labels of shape [{batch}], got {list(y.shape)}")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(y.min()), int(y.max())
+            if lo < -1 or hi >= k:
+                bad = lo if lo < -1 else hi
+                raise ValueError(f"label {bad} out of range for {k} classes "
+                                 f"(use 0..{k - 1}, or -1 for unconditional)")
+        y = y.to(device=next(self.parameters()).device, dtype=torch.long)
+        return torch.where(y < 0, torch.full_like(y, k), y)

@@ -1,0 +1,99 @@
+"""Transformer layers shared by TarFlow (causal) and Jet (bidirectional).
+
+A pre-norm layer: ``h = h + Attn(LN(h)); h = h + MLP(LN(h))``. Attention uses one fused QKV
+projection whose output is split as ``[q | k | v]``, each then into heads in order, and runs through
+``torch.nn.functional.scaled_dot_product_attention`` (causal flag, no materialised mask).
+
+For autoregressive inversion a :class:`KVCache` holds preallocated keys and values
+``[B, H, T, head_dim]`` per layer; a call with ``cache=`` writes its keys/values at positions
+``start .. start+L-1`` and attends to everything up to them, so a step never concatenates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KVCache:
+    """Preallocated key/value storage for one layer: ``k, v`` of shape ``[B, H, T, head_dim]``."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection; ``[B, L, W] -> [B, L, W]``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, causal: bool, attn_temp: float | Tensor = 1.0,
+                cache: KVCache | None = None, start: int = 0) -> Tensor:
+        b, n, w = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = None
+        if cache is not None:
+            cache.k[:, :, start:start + n] = k
+            cache.v[:, :, start:start + n] = v
+            k, v = cache.k[:, :, :start + n], cache.v[:, :, :start + n]
+            if causal and n > 1:
+                # query j sits at absolute position start + j and sees keys <= start + j
+                qpos = torch.arange(start, start + n, device=x.device)[:, None]
+                mask = torch.arange(start + n, device=x.device)[None, :] <= qpos
+            causal = False
+        scale = self.head_dim ** -0.5
+        if isinstance(attn_temp, Tensor):
+            # per-sample temperature [B]: divide the logits by tau by scaling the queries
+            q = q / attn_temp.to(q.dtype).view(-1, 1, 1, 1)
+        else:
+            scale = scale / attn_temp
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             scale=scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class MLP(nn.Module):
+    """Two-layer perceptron with GELU; ``[B, L, W] -> [B, L, W]``."""
+
+    def __init__(self, width: int, hidden: int, gelu: str = "none"):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.gelu = gelu
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm Transformer layer; ``[B, L, W] -> [B, L, W]``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, norm_eps: float, gelu: str):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = Attention(width, heads)
+        self.mlp_norm = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, width * mlp_ratio, gelu)
+
+    def forward(self, h: Tensor, causal: bool, attn_temp: float | Tensor = 1.0,
+                cache: KVCache | None = None, start: int = 0) -> Tensor:
+        h = h + self.attn(self.attn_norm(h), causal, attn_temp, cache, start)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+def gelu_mode(name: str) -> str:
+    """Config name (``"exact"`` or ``"tanh"``) -> ``F.gelu``'s ``approximate`` argument."""
+    return {"exact": "none", "tanh": "tanh"}[name]
+
+
+def upcast(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32 (log-determinants and affine maps are kept at least in fp32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

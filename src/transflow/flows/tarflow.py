@@ -1,0 +1,229 @@
+"""TarFlow (Zhai et al. 2024): a stack of autoregressive affine flow blocks on image patches.
+
+The image is patchified into ``T`` tokens of ``D = C*P*P`` values (``unfold`` order). Block ``i``
+reads the tokens in its own order (identity for even ``i``, reversed for odd ``i``), runs a causal
+pre-norm Transformer, and maps every token from the previous ones only:
+
+    z_0 = x_0,    z_t = (x_t - mu_t(x_<t)) * exp(-a_t(x_<t))       (forward, data -> latent)
+    x_t = z_t * exp(a_t(x_<t)) + mu_t(x_<t)                          (inverse, token by token)
+
+with ``logdet = -sum_t a_t``. The volume-preserving variant (``nvp=False``) predicts only ``mu``
+and learns a per-dimension prior variance instead. STARFlow options: per-block layer counts
+(deep-shallow), a softplus scale ``exp(a) -> softplus(a + ln(e-1))`` (1 at ``a = 0``), soft
+clipping ``a -> c * tanh(a / c)``, and a final LayerNorm before the output projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Flow, FlowConfig
+from .layers import KVCache, TransformerLayer, gelu_mode, upcast
+from .patching import patchify, unpatchify
+
+SCALES = ("exp", "softplus")
+_SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1
+
+
+@dataclasses.dataclass
+class TarFlowConfig(FlowConfig):
+    """TarFlow hyper-parameters. ``layers`` is one count for every block or a list, one per block
+    in forward (data -> latent) order; ``noise_std`` records the Gaussian noise the model was
+    trained with (0 for uniform dequantization), used by the denoiser."""
+
+    family = "tarflow"
+
+    width: int = 256
+    blocks: int = 4
+    layers: int | list[int] = 2
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    nvp: bool = True
+    scale: str = "exp"
+    soft_clip: float = 0.0
+    final_norm: bool = False
+    norm_eps: float = 1e-5
+    gelu: str = "exact"
+    noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        self._check_common()
+        for name in ("width", "blocks", "head_dim", "mlp_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.width % self.head_dim:
+            raise ValueError(f"head_dim {self.head_dim} does not divide width {self.width}")
+        counts = self.layers if isinstance(self.layers, list) else [self.layers]
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
+            raise ValueError(f"layers must be positive integers, got {self.layers!r}")
+        if isinstance(self.layers, list) and len(self.layers) != self.blocks:
+            raise ValueError(f"layers lists {len(self.layers)} counts for {self.blocks} blocks")
+        if self.tokens < 2:
+            raise ValueError(f"TarFlow needs at least 2 tokens; image_size {self.image_size} "
+                             f"with patch_size {self.patch_size} gives {self.tokens}")
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown scale {self.scale!r}; expected one of {SCALES}")
+        if not self.soft_clip >= 0:
+            raise ValueError(f"soft_clip must be >= 0 (0 disables it), got {self.soft_clip!r}")
+        if self.gelu not in ("exact", "tanh"):
+            raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        if not self.noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}")
+
+    def layers_per_block(self) -> list[int]:
+        return list(self.layers) if isinstance(self.layers, list) else [self.layers] * self.blocks
+
+
+class TarFlowBlock(nn.Module):
+    """One autoregressive affine flow block on tokens ``[B, T, D]`` (image token order in and out).
+
+    ``pos_embed`` is stored in image token order and read in the block's order, as the original.
+    """
+
+    def __init__(self, cfg: TarFlowConfig, num_layers: int, reverse: bool):
+        super().__init__()
+        d, w = cfg.token_dim, cfg.width
+        self.reverse = reverse
+        self.nvp = cfg.nvp
+        self.scale = cfg.scale
+        self.soft_clip = cfg.soft_clip
+        self.heads = w // cfg.head_dim
+        self.head_dim = cfg.head_dim
+        self.proj_in = nn.Linear(d, w)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.tokens, w) * 0.01)
+        # row num_classes is the learned null class (unconditional / dropped labels)
+        self.class_embed = (nn.Parameter(torch.randn(cfg.num_classes + 1, w) * 0.01)
+                            if cfg.num_classes else None)
+        self.layers = nn.ModuleList(
+            TransformerLayer(w, self.heads, cfg.mlp_ratio, cfg.norm_eps, gelu_mode(cfg.gelu))
+            for _ in range(num_layers))
+        self.norm = nn.LayerNorm(w, eps=cfg.norm_eps) if cfg.final_norm else None
+        self.proj_out = nn.Linear(w, 2 * d if cfg.nvp else d)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def _order(self, t: Tensor) -> Tensor:
+        """Image token order <-> this block's order (an involution); works on ``[B, T, .]``."""
+        return t.flip(1) if self.reverse else t
+
+    def transformer(self, x: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
+                    caches: list[KVCache] | None = None, start: int = 0) -> Tensor:
+        """Causal Transformer on tokens ``x [B, L, D]`` (block order, absolute positions
+        ``start .. start+L-1``) -> raw outputs ``[B, L, 2D]`` (``[B, L, D]`` for VP)."""
+        pos = self.pos_embed.flip(0) if self.reverse else self.pos_embed
+        h = self.proj_in(x) + pos[start:start + x.shape[1]]
+        if self.class_embed is not None:
+            h = h + self.class_embed[y].unsqueeze(1)
+        for j, layer in enumerate(self.layers):
+            h = layer(h, True, attn_temp, None if caches is None else caches[j], start)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.proj_out(h)
+
+    def affine(self, out: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Raw outputs -> ``(log_scale, shift)`` in fp32 (``log_scale`` is None for VP).
+
+        The generative direction multiplies by ``exp(log_scale)``."""
+        out = upcast(out)
+        if not self.nvp:
+            return None, out
+        a, mu = out.chunk(2, dim=-1)
+        if self.soft_clip:
+            a = self.soft_clip * torch.tanh(a / self.soft_clip)
+        if self.scale == "softplus":
+            a = torch.log(F.softplus(a + _SOFTPLUS_SHIFT))
+        return a, mu
+
+    def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Data-side tokens ``[B, T, D]`` -> ``(latent-side tokens [B, T, D], logdet [B])``."""
+        x = self._order(x)
+        log_s, mu = self.affine(self.transformer(x[:, :-1], y))
+        rest = x[:, 1:] - mu
+        if log_s is None:
+            logdet = upcast(x.new_zeros(x.shape[0]))
+        else:
+            rest = rest * torch.exp(-log_s)
+            logdet = -log_s.flatten(1).sum(1)
+        z = torch.cat([x[:, :1], rest.to(x.dtype)], dim=1)
+        return self._order(z), logdet
+
+    @torch.no_grad()
+    def inverse(self, z: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0) -> Tensor:
+        """Latent-side tokens ``[B, T, D]`` -> data-side tokens, sequentially over the tokens
+        with a preallocated key/value cache (one token through the Transformer per step)."""
+        z = self._order(z)
+        b, t, _ = z.shape
+        dtype = self.proj_in.weight.dtype
+        caches = [KVCache(b, self.heads, t - 1, self.head_dim, z.device, dtype)
+                  for _ in self.layers]
+        xs = [z[:, :1]]
+        for i in range(t - 1):
+            log_s, mu = self.affine(self.transformer(xs[-1], y, attn_temp, caches, start=i))
+            nxt = z[:, i + 1:i + 2]
+            if log_s is not None:
+                nxt = nxt * torch.exp(log_s)
+            xs.append((nxt + mu).to(z.dtype))
+        return self._order(torch.cat(xs, dim=1))
+
+
+class TarFlow(Flow):
+    """TarFlow normalizing flow. ``forward``: image ``[B, C, H, W]`` -> ``(z, logdet [B])``."""
+
+    prior_var_tokens: Tensor
+
+    def __init__(self, config: TarFlowConfig):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(
+            TarFlowBlock(config, n, reverse=i % 2 == 1)
+            for i, n in enumerate(config.layers_per_block()))
+        if not config.nvp:
+            # VP: learned per-dimension prior variance, token layout [T, D]
+            self.register_buffer("prior_var_tokens", torch.ones(config.tokens, config.token_dim))
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """Image ``[B, C, H, W]`` -> tokens ``[B, T, D]``."""
+        return patchify(x, self.config.patch_size, "cpp")
+
+    def image(self, t: Tensor) -> Tensor:
+        """Tokens ``[B, T, D]`` -> image ``[B, C, H, W]``."""
+        c = self.config
+        return unpatchify(t, c.channels, c.image_size, c.image_size, c.patch_size, "cpp")
+
+    def prior_var(self) -> Tensor | None:
+        if self.config.nvp:
+            return None
+        return self.image(self.prior_var_tokens.unsqueeze(0))[0]
+
+    @torch.no_grad()
+    def update_prior(self, z: Tensor, momentum: float = 0.1) -> None:
+        """VP only: move the prior variance toward the batch mean of z^2 (``z [B, C, H, W]``)."""
+        if not self.config.nvp:
+            z2 = self.tokens(upcast(z.detach())).pow(2).mean(0)
+            self.prior_var_tokens.lerp_(z2.to(self.prior_var_tokens.dtype), momentum)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y = self._check_input(x, y)
+        t = self.tokens(x)
+        logdet = upcast(x.new_zeros(x.shape[0]))
+        for block in self.blocks:
+            t, ld = block(t, y)
+            logdet = logdet + ld
+        return self.image(t), logdet
+
+    @torch.no_grad()
+    def inverse(self, z: Tensor, y: Tensor | None = None, attn_temp: float = 1.0) -> Tensor:
+        """Exact inverse, token by token in every block (runs without autograd)."""
+        y = self._check_input(z, y)
+        t = self.tokens(z)
+        for block in reversed(self.blocks):
+            t = block.inverse(t, y, attn_temp)
+        return self.image(t)

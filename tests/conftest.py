@@ -1,0 +1,82 @@
+"""Shared test helpers: small model configs, weight perturbation, and the shared data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from transflow import Jet, JetConfig, TarFlow, TarFlowConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def shared_path(rel: str) -> Path:
+    """A file under ``../shared``; skip when absent, except under CI where absence is an error."""
+    p = SHARED / rel
+    if not p.exists():
+        msg = f"{p} not found (the shared data/fixtures live beside the project checkout)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return p
+
+
+def perturb(model: torch.nn.Module, std: float = 0.1, seed: int = 0,
+            scale_shift: float = 0.3) -> torch.nn.Module:
+    """Move a model far from the identity: random output projections (zero at initialisation),
+    noisy embeddings, and a constant shift of every log-scale output so that log-determinants are
+    far from zero (TarFlow: ``a += scale_shift``; Jet: raw scale ``-= 4 * scale_shift``)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            if "proj_out" in name:
+                p.copy_(noise * std)
+                if name.endswith("bias"):
+                    half = p.shape[0] // 2
+                    if isinstance(model, TarFlow) and model.config.nvp:
+                        p[:half] += scale_shift
+                    elif isinstance(model, Jet):
+                        p[half:] -= 4 * scale_shift
+            elif "embed" in name:
+                p.add_(noise * 0.3)
+    return model
+
+
+# Small configs covering every variant; tiny images so full Jacobians are cheap.
+TARFLOW_VARIANTS = {
+    "nvp": dict(),
+    "vp": dict(nvp=False),
+    "cond": dict(num_classes=3),
+    "vp-cond": dict(nvp=False, num_classes=3),
+    "softplus": dict(scale="softplus"),
+    "softclip": dict(soft_clip=1.5),
+    "final-norm": dict(final_norm=True),
+    "deep-shallow": dict(blocks=3, layers=[3, 1, 1]),
+    "starflow-all": dict(scale="softplus", soft_clip=2.0, final_norm=True, layers=[2, 1],
+                         num_classes=3),
+}
+JET_VARIANTS = {
+    "default": dict(),
+    "channels-only": dict(kinds=["channels"]),
+    "spatial-only": dict(kinds=["spatial"], couplings=6),
+    "cond": dict(num_classes=3),
+    "scale3": dict(scale_factor=3.0, kinds=["spatial", "channels"]),
+}
+
+
+def tarflow_config(shape: str = "8x8x1", **kw) -> TarFlowConfig:
+    base = dict(width=32, blocks=2, layers=2, head_dim=16)
+    base |= (dict(image_size=8, channels=1, patch_size=2) if shape == "8x8x1"
+             else dict(image_size=4, channels=3, patch_size=2))
+    return TarFlowConfig(**(base | kw))
+
+
+def jet_config(shape: str = "8x8x1", **kw) -> JetConfig:
+    base = dict(width=32, couplings=4, block_depth=1, heads=2)
+    base |= (dict(image_size=8, channels=1, patch_size=2) if shape == "8x8x1"
+             else dict(image_size=4, channels=3, patch_size=2))
+    return JetConfig(**(base | kw))

@@ -1,0 +1,238 @@
+"""Exactness of both flow families: invertibility, log-determinants against autograd, causality,
+identity at initialisation, batch independence, sampling and densities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from transflow import Jet, TarFlow, build
+
+from conftest import JET_VARIANTS, TARFLOW_VARIANTS, jet_config, perturb, tarflow_config
+
+SHAPES = ["8x8x1", "4x4x3"]
+
+
+def make(family: str, variant: str, shape: str, dtype=torch.float64):
+    torch.manual_seed(1)
+    if family == "tarflow":
+        model = TarFlow(tarflow_config(shape, **TARFLOW_VARIANTS[variant]))
+    else:
+        model = Jet(jet_config(shape, **JET_VARIANTS[variant]))
+    model = perturb(model.to(dtype))
+    if not getattr(model.config, "nvp", True):
+        with torch.no_grad():  # a non-trivial learned prior variance
+            model.prior_var_tokens.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def inputs(model, batch=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    x = torch.rand(batch, c.channels, c.image_size, c.image_size, generator=g, dtype=dtype) * 2 - 1
+    y = torch.randint(-1, c.num_classes, (batch,), generator=g) if c.num_classes else None
+    return x, y
+
+
+ALL = ([("tarflow", v) for v in TARFLOW_VARIANTS] + [("jet", v) for v in JET_VARIANTS])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("family,variant", ALL)
+def test_invertible_float64(family, variant, shape):
+    model = make(family, variant, shape)
+    x, y = inputs(model)
+    z, _ = model(x, y)
+    assert (z - x).abs().max() > 0.1, "weights too close to the identity for a meaningful test"
+    torch.testing.assert_close(model.inverse(z, y), x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family,variant", ALL)
+def test_invertible_float32(family, variant):
+    model = make(family, variant, "8x8x1", dtype=torch.float32)
+    x, y = inputs(model, dtype=torch.float32)
+    z, _ = model(x, y)
+    err = (model.inverse(z, y) - x).abs().max() / x.abs().max()
+    assert err < 1e-4
+
+
+def full_jacobian_logdet(model, x, y):
+    """log|det dz/dx| per sample from autograd's full Jacobian (float64)."""
+    out = []
+    for i in range(x.shape[0]):
+        yi = None if y is None else y[i:i + 1]
+
+        def f(v, yi=yi):
+            return model(v.view(1, *x.shape[1:]), yi)[0].flatten()
+
+        jac = torch.autograd.functional.jacobian(f, x[i].flatten())
+        sign, logabs = torch.linalg.slogdet(jac)
+        assert sign != 0
+        out.append(logabs)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("family,variant", ALL)
+def test_logdet_matches_autograd_slogdet(family, variant, shape):
+    model = make(family, variant, shape)
+    x, y = inputs(model, batch=2)
+    _, logdet = model(x, y)
+    ref = full_jacobian_logdet(model, x, y)
+    torch.testing.assert_close(logdet, ref, rtol=0, atol=1e-8)
+    if family == "tarflow" and not model.config.nvp:
+        assert torch.all(logdet == 0)  # volume preserving: the prior carries the scale
+    else:
+        assert logdet.abs().min() > 1.0, "log-determinant too close to zero to be a real test"
+
+
+@pytest.mark.parametrize("variant", list(TARFLOW_VARIANTS))
+def test_tarflow_blocks_are_causal(variant):
+    """In every block's own token order, changing token j changes no output token i <= j, and
+    does change some later token."""
+    model = make("tarflow", variant, "8x8x1")
+    c = model.config
+    x, y = inputs(model, batch=2)
+    t = model.tokens(x)
+    for block in model.blocks:
+        z0, _ = block(t, y)
+        z0 = block._order(z0)
+        for j in range(c.tokens):
+            t2 = block._order(t).clone()
+            t2[:, j] += torch.randn_like(t2[:, j])
+            z1, _ = block(block._order(t2), y)
+            z1 = block._order(z1)
+            changed = (z1 - z0).abs().amax(dim=(0, 2)) > 0
+            assert not changed[:j].any(), f"token {j} leaked into earlier outputs"
+            assert changed[j], "the changed token itself must change"
+            if j < c.tokens - 1:
+                assert changed[j + 1:].any(), f"token {j} influences no later token"
+
+
+def test_tarflow_block_orders_alternate():
+    model = make("tarflow", "nvp", "8x8x1")
+    assert [b.reverse for b in model.blocks] == [False, True]
+
+
+@pytest.mark.parametrize("variant", [v for v in JET_VARIANTS if v != "scale3"])
+def test_jet_is_identity_at_init(variant):
+    """With the paper's scale_factor 2, sigmoid(0) * 2 == 1 exactly."""
+    torch.manual_seed(0)
+    model = Jet(jet_config("4x4x3", **JET_VARIANTS[variant]))
+    x, y = inputs(model, dtype=torch.float32)
+    z, logdet = model(x, y)
+    assert torch.equal(z, x)
+    assert torch.equal(logdet, torch.zeros(3))
+    assert torch.equal(model.inverse(x, y), x)
+
+
+def test_tarflow_is_identity_at_init():
+    model = TarFlow(tarflow_config(num_classes=3))
+    x, y = inputs(model, dtype=torch.float32)
+    z, logdet = model(x, y)
+    assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(3))
+
+
+@pytest.mark.parametrize("family,variant", [("tarflow", "starflow-all"), ("tarflow", "vp-cond"),
+                                            ("jet", "cond"), ("jet", "default")])
+def test_batch_independence(family, variant):
+    model = make(family, variant, "4x4x3")
+    x, y = inputs(model, batch=4)
+    z, logdet = model(x, y)
+    xi = model.inverse(z, y)
+    for i in range(4):
+        yi = None if y is None else y[i:i + 1]
+        zi, ldi = model(x[i:i + 1], yi)
+        torch.testing.assert_close(zi, z[i:i + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(ldi, logdet[i:i + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(model.inverse(z[i:i + 1], yi), xi[i:i + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["tarflow", "jet"])
+def test_null_class_is_minus_one_and_none(family):
+    model = make(family, "cond", "4x4x3")
+    x, _ = inputs(model)
+    z_none, _ = model(x)
+    z_null, _ = model(x, torch.full((3,), -1))
+    z_cls, _ = model(x, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(z_none, z_null)
+    assert not torch.allclose(z_none, z_cls)
+
+
+@pytest.mark.parametrize("family,variant", [("tarflow", "nvp"), ("tarflow", "vp"),
+                                            ("jet", "default")])
+def test_log_prob_is_prior_plus_logdet(family, variant):
+    model = make(family, variant, "4x4x3")
+    x, y = inputs(model)
+    z, logdet = model(x, y)
+    var = model.prior_var()
+    std = torch.ones_like(z[0]) if var is None else var.sqrt()
+    prior = torch.distributions.Normal(torch.zeros_like(std), std).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(model.log_prob(x, y), prior + logdet, rtol=0, atol=1e-10)
+
+
+def test_vp_prior_variance_update():
+    model = make("tarflow", "vp", "4x4x3")
+    model.prior_var_tokens.fill_(1.0)
+    z = torch.randn(64, 3, 4, 4, dtype=torch.float64) * 3
+    model.update_prior(z, momentum=0.25)
+    expect = 0.75 + 0.25 * model.tokens(z).pow(2).mean(0)
+    torch.testing.assert_close(model.prior_var_tokens, expect)
+
+
+@pytest.mark.parametrize("family", ["tarflow", "jet"])
+def test_sample_shape_temperature_and_generator(family):
+    torch.manual_seed(0)
+    model = build(tarflow_config("4x4x3") if family == "tarflow" else jet_config("4x4x3"))
+    s1 = model.sample(5, temperature=0.5, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    # at initialisation the flow is the identity, so a sample is the scaled prior draw
+    torch.testing.assert_close(s1, 0.5 * z, rtol=0, atol=0)
+    perturb(model, std=0.03, scale_shift=0.0)  # mild: a random flow's inverse can overflow
+    s2 = model.sample(5, generator=torch.Generator().manual_seed(3))
+    s3 = model.sample(5, generator=torch.Generator().manual_seed(3))
+    assert s2.shape == (5, 3, 4, 4) and torch.equal(s2, s3) and torch.isfinite(s2).all()
+    z2, _ = model(s2)
+    torch.testing.assert_close(z2, z, rtol=1e-4, atol=1e-4)
+
+
+def test_vp_sample_uses_prior_variance():
+    model = make("tarflow", "vp", "4x4x3")
+    s = model.sample(2, generator=torch.Generator().manual_seed(0))
+    z, _ = model(s)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(z, noise * model.prior_var().sqrt(), rtol=0, atol=1e-10)
+
+
+def test_softplus_scale_is_one_at_zero():
+    model = TarFlow(tarflow_config(scale="softplus"))
+    log_s, mu = model.blocks[0].affine(torch.zeros(1, 1, 2 * model.config.token_dim))
+    assert log_s.abs().max() < 1e-7 and mu.abs().max() == 0
+
+
+def test_soft_clip_bounds_the_log_scale():
+    model = TarFlow(tarflow_config(soft_clip=0.5))
+    log_s, _ = model.blocks[0].affine(torch.full((1, 1, 2 * model.config.token_dim), 100.0))
+    assert log_s.max() <= 0.5 and log_s.max() > 0.49
+    assert math.isclose(float(model.blocks[0].affine(torch.full((1, 1, 8), 0.1))[0][0, 0, 0]),
+                        0.5 * math.tanh(0.2), rel_tol=1e-6)
+
+
+def test_jet_scale_saturates_at_scale_factor():
+    """raw scale -> +inf gives s -> scale_factor: the coupling multiplies x2 by 3 exactly."""
+    model = Jet(jet_config("4x4x3", couplings=1, kinds=["channels"], scale_factor=3.0))
+    model = model.double()
+    half = model.config.token_dim // 2
+    with torch.no_grad():
+        model.couplings[0].conditioner.proj_out.bias[half:] = 60.0  # raw-scale half
+    x, _ = inputs(model)
+    z, logdet = model(x)
+    n_transformed = model.config.dims // 2
+    torch.testing.assert_close(logdet, torch.full((3,), n_transformed * math.log(3.0),
+                                                  dtype=torch.float64))
+    t, tz = model._tokens(x), model._tokens(z)
+    perm = model.couplings[0].perm
+    torch.testing.assert_close(tz[..., perm[half:]], 3 * t[..., perm[half:]])
+    torch.testing.assert_close(tz[..., perm[:half]], t[..., perm[:half]], rtol=0, atol=0)
