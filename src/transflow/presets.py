@@ -27,9 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                            kinds=["channels"] * 4 + ["spatial"], spatial_masks=_JET_SIX_MASKS),
     # -- small, for CPU ----------------------------------------------------------------------
     "tarflow-digits": dict(model="tarflow", image_size=8, channels=1, patch_size=2, width=64,
-                           blocks=4, layers=2, head_dim=32, num_classes=10),
+                           blocks=4, layers=2, head_dim=32, num_classes=10, num_levels=17),
     "jet-digits": dict(model="jet", image_size=8, channels=1, patch_size=2, couplings=8,
-                       block_depth=2, width=64, heads=2, num_classes=10),
+                       block_depth=2, width=64, heads=2, num_classes=10, num_levels=17),
     "tarflow-mnist": dict(model="tarflow", image_size=28, channels=1, patch_size=4, width=128,
                           blocks=4, layers=2, num_classes=10),
     "jet-mnist": dict(model="jet", image_size=28, channels=1, patch_size=4, couplings=8,

@@ -19,7 +19,12 @@ from torch import Tensor, nn
 
 @dataclasses.dataclass
 class FlowConfig:
-    """Base of the model configs: a flat dataclass that round-trips through a plain dict / JSON."""
+    """Base of the model configs: a flat dataclass that round-trips through a plain dict / JSON.
+
+    ``num_levels`` (K grey levels of the training data) and ``noise_std`` (the Gaussian noise the
+    model was trained with; 0 for uniform dequantization) describe the data the model was fitted
+    to: they set how samples map back to integer images and the denoiser's sigma.
+    """
 
     family: ClassVar[str] = ""
 
@@ -27,6 +32,8 @@ class FlowConfig:
     channels: int = 3
     patch_size: int = 4
     num_classes: int = 0
+    num_levels: int = 256
+    noise_std: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict, with the model family under ``"model"``."""
@@ -79,6 +86,10 @@ class FlowConfig:
                              f"{self.image_size}")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if not isinstance(self.num_levels, int) or self.num_levels < 2:
+            raise ValueError(f"num_levels must be an integer >= 2, got {self.num_levels!r}")
+        if not self.noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}")
 
 
 class Flow(nn.Module):

@@ -33,8 +33,7 @@ _SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1
 @dataclasses.dataclass
 class TarFlowConfig(FlowConfig):
     """TarFlow hyper-parameters. ``layers`` is one count for every block or a list, one per block
-    in forward (data -> latent) order; ``noise_std`` records the Gaussian noise the model was
-    trained with (0 for uniform dequantization), used by the denoiser."""
+    in forward (data -> latent) order."""
 
     family = "tarflow"
 
@@ -49,7 +48,6 @@ class TarFlowConfig(FlowConfig):
     final_norm: bool = False
     norm_eps: float = 1e-5
     gelu: str = "exact"
-    noise_std: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, tuple):
@@ -75,8 +73,6 @@ class TarFlowConfig(FlowConfig):
             raise ValueError(f"soft_clip must be >= 0 (0 disables it), got {self.soft_clip!r}")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
-        if not self.noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}")
 
     def layers_per_block(self) -> list[int]:
         return list(self.layers) if isinstance(self.layers, list) else [self.layers] * self.blocks
