@@ -18,7 +18,7 @@ from conftest import jet_config, tarflow_config
                    num_classes=4, noise_std=0.05),
     tarflow_config(nvp=False),
     jet_config(kinds=["spatial", "channels"], spatial_masks=["hstripes", "vstripes-inv"],
-               num_classes=2, seed=7),
+               num_classes=2, perm_seed=7),
 ])
 def test_config_round_trips_through_json(config):
     d = json.loads(json.dumps(config.to_dict()))

@@ -13,6 +13,12 @@ from .flows import FlowConfig, config_from_dict
 _JET_SIX_MASKS = ["checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes",
                   "hstripes-inv"]
 
+# training defaults that come with the small presets (flags override them)
+_DIGITS_TRAIN = dict(steps=1500, batch_size=128, lr=2e-3, warmup=100, eval_every=250,
+                     sample_every=500, checkpoint_every=250, ema_decay=0.995)
+_SMALL_TRAIN = dict(steps=5000, batch_size=64, lr=1e-3, warmup=200, eval_every=500,
+                    sample_every=1000, checkpoint_every=500, ema_decay=0.999)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # -- published ---------------------------------------------------------------------------
     "tarflow-imagenet64": dict(model="tarflow", image_size=64, channels=3, patch_size=2,
@@ -26,18 +32,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                            block_depth=2, width=512, heads=8,
                            kinds=["channels"] * 4 + ["spatial"], spatial_masks=_JET_SIX_MASKS),
     # -- small, for CPU ----------------------------------------------------------------------
+    # (image size, channels, classes and levels are taken from the data when training)
     "tarflow-digits": dict(model="tarflow", image_size=8, channels=1, patch_size=2, width=64,
-                           blocks=4, layers=2, head_dim=32, num_classes=10, num_levels=17),
+                           blocks=4, layers=2, head_dim=32, num_classes=10, num_levels=17,
+                           train=_DIGITS_TRAIN),
     "jet-digits": dict(model="jet", image_size=8, channels=1, patch_size=2, couplings=8,
-                       block_depth=2, width=64, heads=2, num_classes=10, num_levels=17),
-    "tarflow-mnist": dict(model="tarflow", image_size=28, channels=1, patch_size=4, width=128,
-                          blocks=4, layers=2, num_classes=10),
-    "jet-mnist": dict(model="jet", image_size=28, channels=1, patch_size=4, couplings=8,
-                      block_depth=2, width=128, heads=4, num_classes=10),
-    "tarflow-cifar": dict(model="tarflow", image_size=32, channels=3, patch_size=4, width=256,
-                          blocks=4, layers=2, num_classes=10),
-    "jet-cifar": dict(model="jet", image_size=32, channels=3, patch_size=4, couplings=8,
-                      block_depth=2, width=256, heads=4, num_classes=10),
+                       block_depth=2, width=64, heads=2, num_classes=10, num_levels=17,
+                       train=_DIGITS_TRAIN),
+    "tarflow-small": dict(model="tarflow", image_size=28, channels=1, patch_size=4, width=128,
+                          blocks=4, layers=2, num_classes=10, train=_SMALL_TRAIN),
+    "jet-small": dict(model="jet", image_size=28, channels=1, patch_size=4, couplings=8,
+                      block_depth=2, width=128, heads=4, num_classes=10, train=_SMALL_TRAIN),
+    "tarflow-base": dict(model="tarflow", image_size=32, channels=3, patch_size=4, width=256,
+                         blocks=4, layers=2, num_classes=10, train=_SMALL_TRAIN),
+    "jet-base": dict(model="jet", image_size=32, channels=3, patch_size=4, couplings=8,
+                     block_depth=2, width=256, heads=4, num_classes=10, train=_SMALL_TRAIN),
 }
 
 
@@ -45,4 +54,5 @@ def get_config(name: str, **overrides: Any) -> FlowConfig:
     """Config of preset ``name`` with ``overrides`` applied; ``ValueError`` for unknown names."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return config_from_dict({**PRESETS[name], **overrides})
+    fields = {k: v for k, v in PRESETS[name].items() if k != "train"}
+    return config_from_dict({**fields, **overrides})

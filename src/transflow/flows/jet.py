@@ -12,12 +12,17 @@ of couplings. Each coupling permutes, splits and transforms:
 Then ``x2 <- (x2 + bias(x1)) * s`` with ``s = sigmoid(raw(x1)) * scale_factor`` and
 ``logdet += sum(log s)``; the halves are joined and the permutation undone. Conditioner outputs
 are zero-initialised, so at initialisation ``s = 1``, ``bias = 0``: the exact identity.
+
+The inverse is one parallel pass per coupling, ``x2 = z2 / s - bias``. With guidance (see
+:class:`transflow.sampling.Guidance`) the conditioner runs once on ``2B`` rows (conditional, then
+unconditional: null class and/or attention temperature) and its outputs are combined first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +32,9 @@ from .base import Flow, FlowConfig
 from .layers import TransformerLayer, gelu_mode, upcast
 from .patching import patchify, unpatchify
 
+if TYPE_CHECKING:
+    from ..sampling import Guidance
+
 COUPLING_KINDS = ("channels", "spatial")
 SPATIAL_MASKS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
                  "hstripes", "hstripes-inv")
@@ -35,7 +43,7 @@ SPATIAL_MASKS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
 @dataclasses.dataclass
 class JetConfig(FlowConfig):
     """Jet hyper-parameters. ``kinds`` repeats over the ``couplings``; the k-th spatial coupling
-    uses ``spatial_masks[k % len(spatial_masks)]``. ``seed`` fixes the random channel permutations.
+    uses ``spatial_masks[k % len(spatial_masks)]``. ``perm_seed`` fixes the random channel permutations.
     """
 
     family = "jet"
@@ -51,7 +59,7 @@ class JetConfig(FlowConfig):
     scale_factor: float = 2.0
     norm_eps: float = 1e-6
     gelu: str = "tanh"
-    seed: int = 0
+    perm_seed: int = 0
 
     def __post_init__(self) -> None:
         self.kinds = list(self.kinds)
@@ -128,12 +136,13 @@ class ViTConditioner(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x1: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x1: Tensor, y: Tensor | None,
+                attn_temp: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
         h = self.proj_in(x1) + self.pos_embed
         if self.class_embed is not None:
             h = h + self.class_embed[y].unsqueeze(1)
         for layer in self.layers:
-            h = layer(h, causal=False)
+            h = layer(h, causal=False, attn_temp=attn_temp)
         bias, raw = upcast(self.proj_out(self.norm(h))).chunk(2, dim=-1)
         return bias, raw
 
@@ -149,6 +158,7 @@ class Coupling(nn.Module):
         self.log_factor = math.log(cfg.scale_factor)
         self.scale_factor = cfg.scale_factor
         self.register_buffer("perm", perm)
+        self.null_class = cfg.num_classes  # label index of the learned null class
         self.conditioner = ViTConditioner(cfg)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,10 +189,22 @@ class Coupling(nn.Module):
         x2 = ((x2 + bias) * scale).to(x.dtype)
         return self._join(x1, x2), log_scale.flatten(1).sum(1)
 
-    def inverse(self, z: Tensor, y: Tensor | None) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | None, guidance: Guidance | None = None) -> Tensor:
         z1, z2 = self._split(z)
-        bias, scale, _ = self._params(z1, y)
-        return self._join(z1, (z2 / scale - bias).to(z.dtype))
+        if guidance is None:
+            bias, scale, _ = self._params(z1, y)
+            return self._join(z1, (z2 / scale - bias).to(z.dtype))
+        # guided: conditional rows [:n] and unconditional rows [n:] in one conditioner pass;
+        # the combined update is written x2 = z2 * exp(a) + mu (a = -log s, mu = -bias)
+        n = z.shape[0]
+        y2 = None if y is None else torch.cat([y, torch.full_like(y, self.null_class)])
+        temp: float | Tensor = 1.0
+        if guidance.attn_temp != 1.0:
+            temp = torch.cat([torch.ones(n), torch.full((n,), float(guidance.attn_temp))])
+            temp = temp.to(z.device)
+        bias, raw = self.conditioner(torch.cat([z1, z1]), y2, temp)
+        a, mu = guidance.combine_jet(bias[:n], raw[:n], bias[n:], raw[n:], self.log_factor)
+        return self._join(z1, (z2 * torch.exp(a) + mu).to(z.dtype))
 
 
 class Jet(Flow):
@@ -191,7 +213,7 @@ class Jet(Flow):
     def __init__(self, config: JetConfig):
         super().__init__()
         self.config = config
-        g = torch.Generator(device="cpu").manual_seed(config.seed)
+        g = torch.Generator(device="cpu").manual_seed(config.perm_seed)
         grid = config.image_size // config.patch_size
         couplings = []
         for kind, mask in config.coupling_plan():
@@ -218,9 +240,12 @@ class Jet(Flow):
             logdet = logdet + ld
         return self._image(t), logdet
 
-    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | None = None,
+                guidance: Guidance | None = None) -> Tensor:
+        """Latent ``z [B, C, H, W]`` -> data, one parallel pass per coupling; ``guidance``
+        (classifier-free, on the conditioners' outputs) is optional."""
         y = self._check_input(z, y)
         t = self._tokens(z)
         for coupling in reversed(self.couplings):
-            t = coupling.inverse(t, y)
+            t = coupling.inverse(t, y, guidance)
         return self._image(t)

@@ -1,0 +1,248 @@
+"""End-to-end training: the run directory, resume, fine-tuning, batches, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+
+import transflow.train as T
+from transflow import bits_per_dim, get_config
+from transflow.cli import main
+from transflow.data import ImageData, load_data
+from transflow.flows import build
+from transflow.train import TrainConfig, evaluate_bpd, make_batch, train
+
+TINY = dict(width=32, blocks=2, layers=1, head_dim=16)
+FAST = dict(batch_size=64, lr=3e-3, warmup=5, log_every=10, eval_every=20, sample_every=20,
+            checkpoint_every=20, ema_decay=0.9)
+
+
+def tiny_tarflow(data: ImageData, **kw):
+    return get_config("tarflow-digits", image_size=data.image_size, channels=data.channels,
+                      num_classes=data.num_classes, num_levels=data.num_levels, **(TINY | kw))
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageData:
+    return load_data("digits")
+
+
+def test_digits_split_is_fixed_and_documented(digits):
+    assert (len(digits.x_train), len(digits.x_test)) == (1437, 360)
+    assert digits.num_levels == 17 and digits.num_classes == 10
+    assert int(digits.x_train.max()) == 16 and digits.x_train.dtype == torch.uint8
+    again = load_data("digits")
+    assert torch.equal(again.x_test, digits.x_test)
+
+
+@pytest.mark.parametrize("family", ["tarflow", "jet"])
+def test_training_lowers_test_bpd_and_writes_the_run(tmp_path, digits, family):
+    cfg = tiny_tarflow(digits) if family == "tarflow" else get_config(
+        "jet-digits", width=32, couplings=4, block_depth=1)
+    run = tmp_path / "run"
+    summary = train(cfg, digits, TrainConfig(steps=60, **FAST), run, progress=False)
+    for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "model/config.json",
+              "model/model.safetensors", "samples/final.png", "samples/step_0000020.png"):
+        assert (run / f).is_file(), f
+    m = read_metrics(run)
+    tests = [r["test_bpd"] for r in m if "test_bpd" in r]
+    assert tests[-1] < tests[0] - 0.2, tests
+    assert summary["test_bpd"] == m[-1]["test_bpd"] and m[-1]["final"]
+    assert all({"step", "train_bpd", "lr", "img_per_sec"} <= r.keys() for r in m
+               if "train_bpd" in r)
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["model"]["model"] == family and resolved["train"]["steps"] == 60
+    # the saved model is the EMA model and reproduces the final evaluation
+    from transflow.checkpoints import load
+    model = load(run / "model")
+    ev = evaluate_bpd(model, digits.x_test, digits.y_test)
+    assert ev["bpd"] == pytest.approx(summary["test_bpd"], abs=1e-9)
+
+
+def test_training_on_a_tiny_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    base = (rng.random((4, 8, 8, 1)) > 0.5).astype(np.uint8) * 200 + 20  # four prototypes
+    def make(n):
+        idx = rng.integers(0, 4, n)
+        noise = rng.integers(0, 30, (n, 8, 8, 1))
+        return (base[idx] + noise).astype(np.uint8), idx
+    xtr, ytr = make(256)
+    xte, yte = make(64)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    data = load_data(str(path))
+    assert (data.num_levels, data.num_classes, data.channels) == (256, 4, 1)
+    run = tmp_path / "run"
+    train(tiny_tarflow(data), data, TrainConfig(steps=40, **FAST), run, progress=False)
+    tests = [r["test_bpd"] for r in read_metrics(run) if "test_bpd" in r]
+    assert tests[-1] < tests[0] - 0.5, tests
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, digits, monkeypatch):
+    cfg, tc = tiny_tarflow(digits), TrainConfig(steps=40, **FAST)
+    train(cfg, digits, tc, tmp_path / "a", progress=False)
+
+    real = T.make_batch
+
+    def interrupt_at_25(x, y, step, *a, **k):
+        if step == 25:
+            raise KeyboardInterrupt
+        return real(x, y, step, *a, **k)
+
+    monkeypatch.setattr(T, "make_batch", interrupt_at_25)
+    with pytest.raises(SystemExit):
+        train(cfg, digits, tc, tmp_path / "b", progress=False)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 25
+    monkeypatch.setattr(T, "make_batch", real)
+    train(cfg, digits, tc, tmp_path / "b", resume=True, progress=False)
+
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    strip = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec")}
+             for r in read_metrics(tmp_path / "a")]
+    strip_b = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec")}
+               for r in read_metrics(tmp_path / "b")]
+    assert strip == strip_b
+
+
+def test_label_drop_rate_and_batch_determinism(digits):
+    cfg = tiny_tarflow(digits)
+    tc = TrainConfig(batch_size=1000, label_drop=0.3)
+    _, y = make_batch(digits.x_train, digits.y_train, 3, tc, cfg, torch.device("cpu"))
+    rate = float((y == -1).float().mean())
+    assert abs(rate - 0.3) < 0.05
+    x1, y1 = make_batch(digits.x_train, digits.y_train, 7, tc, cfg, torch.device("cpu"))
+    x2, y2 = make_batch(digits.x_train, digits.y_train, 7, tc, cfg, torch.device("cpu"))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    _, y0 = make_batch(digits.x_train, digits.y_train, 3, TrainConfig(batch_size=1000,
+                       label_drop=0.0), cfg, torch.device("cpu"))
+    assert (y0 >= 0).all()
+
+
+def test_batches_cover_each_epoch_once():
+    seen = torch.cat([T.batch_indices(s, 32, 100, seed=0) for s in range(25)])  # 8 epochs
+    for e in range(8):
+        assert sorted(seen[e * 100:(e + 1) * 100].tolist()) == list(range(100))
+
+
+def test_training_bpd_equals_evaluation_bpd_on_the_same_noise(digits):
+    torch.manual_seed(0)
+    cfg = tiny_tarflow(digits)
+    model = build(cfg)
+    tc = TrainConfig(batch_size=50, label_drop=0.0)
+    x, y = make_batch(digits.x_train, digits.y_train, 0, tc, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        z, logdet = model(x, y)
+        loss = -(model.prior_log_prob(z) + logdet).mean() / cfg.dims  # the training loss
+    loss_bpd = (float(loss) - math.log(2 / cfg.num_levels)) / math.log(2)
+    # the evaluation helper, given the same integer images and the same uniform noise
+    idx = T.batch_indices(0, 50, len(digits.x_train), tc.seed)
+    g = torch.Generator().manual_seed(T._seed(tc.seed, 0, 1))
+    noise = torch.rand(x.shape, generator=g)
+    k = digits.x_train[idx]
+    torch.testing.assert_close((k.float() + noise) * (2 / 17) - 1, x)
+    with torch.no_grad():
+        ev = float(bits_per_dim(model.log_prob(x, y), cfg.dims, 17).mean())
+    assert ev == pytest.approx(loss_bpd, abs=1e-5)
+
+
+def test_learning_rate_schedule():
+    tc = TrainConfig(steps=110, warmup=10, lr=1.0, min_lr=0.0)
+    assert T.learning_rate(0, tc) == pytest.approx(0.1)
+    assert T.learning_rate(9, tc) == pytest.approx(1.0)
+    assert T.learning_rate(60, tc) == pytest.approx(0.5)
+    assert T.learning_rate(110, tc) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fine_tuning_starts_lower_than_scratch(tmp_path, digits):
+    """Pretrain on digits 0-4, then the pretrained weights score digits 5-9 far better than a
+    fresh model: --init-from loads every tensor."""
+    lo_tr, lo_te = digits.y_train < 5, digits.y_test < 5
+    a = ImageData("lo", digits.x_train[lo_tr], digits.y_train[lo_tr], digits.x_test[lo_te],
+                  digits.y_test[lo_te], 17, 10)
+    b = ImageData("hi", digits.x_train[~lo_tr], digits.y_train[~lo_tr], digits.x_test[~lo_te],
+                  digits.y_test[~lo_te], 17, 10)
+    cfg = tiny_tarflow(digits)
+    train(cfg, a, TrainConfig(steps=80, **FAST), tmp_path / "pre", progress=False)
+    summary = train(cfg, b, TrainConfig(steps=1, **FAST), tmp_path / "ft",
+                    init_from=str(tmp_path / "pre"), progress=False)
+    scratch = train(cfg, b, TrainConfig(steps=1, **FAST), tmp_path / "scratch", progress=False)
+    assert summary["test_bpd"] < scratch["test_bpd"] - 0.5
+    from transflow.checkpoints import load
+    pre, ft = load(tmp_path / "pre"), build(cfg)
+    T._init_from(ft, str(tmp_path / "pre"))
+    for k, v in pre.state_dict().items():
+        assert torch.equal(ft.state_dict()[k], v), k
+
+
+def test_init_from_a_different_architecture_names_the_tensor(tmp_path, digits):
+    cfg = tiny_tarflow(digits)
+    train(cfg, digits, TrainConfig(steps=1, **FAST), tmp_path / "pre", progress=False)
+    with pytest.raises(ValueError, match=r"tensor 'blocks.0.pos_embed' has shape \[16, 32\] "
+                                         r"there but \[16, 64\] here"):
+        T._init_from(build(tiny_tarflow(digits, width=64, head_dim=16)), str(tmp_path / "pre"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def test_cli_train_and_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--steps", "30", "--width", "32", "--blocks", "2",
+            "--layers", "1", "--head-dim", "16", "--eval-every", "10", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "test bits/dim" in out and str(run) in out
+    assert main(["train", "--resume", str(run), "--steps", "40", "--no-progress"]) == 0
+    m = read_metrics(run)
+    assert m[-1]["step"] == 40 and m[-1]["final"]
+    assert [r["step"] for r in m if r.get("final")] == [40]  # the earlier final line dropped
+    assert main(args) == 2  # refuses to overwrite an existing run
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--patch-size", "3"], "patch_size 3 does not divide image_size 8"),
+    (["train", "--couplings", "4"], "--couplings is not a tarflow option"),
+    (["train", "--model", "jet", "--preset", "tarflow-digits"], "is a tarflow config"),
+    (["train", "--data", "/nonexistent/x.npz"], "not found"),
+    (["train", "--lr", "-1"], "lr must be > 0"),
+    (["train", "--resume", "/nonexistent-run"], "not a run directory"),
+])
+def test_cli_train_bad_input_is_one_line(argv, needle, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "r")] if "--resume" not in argv else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_unknown_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--widht", "3"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --widht" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mnist_npz_trains(tmp_path):
+    data = load_data(str(shared_path("data/mnist.npz")))
+    small = ImageData("mnist", data.x_train[:2000], data.y_train[:2000], data.x_test[:500],
+                      data.y_test[:500], 256, 10)
+    cfg = get_config("tarflow-small", width=64, blocks=2, layers=1)
+    train(cfg, small, TrainConfig(steps=60, **FAST), tmp_path / "run", progress=False)
+    tests = [r["test_bpd"] for r in read_metrics(tmp_path / "run") if "test_bpd" in r]
+    assert tests[-1] < tests[0] - 0.5, tests
