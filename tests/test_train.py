@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
 
 import transflow.train as T
 from transflow import bits_per_dim, get_config
@@ -17,6 +16,8 @@ from transflow.cli import main
 from transflow.data import ImageData, load_data
 from transflow.flows import build
 from transflow.train import TrainConfig, evaluate_bpd, make_batch, train
+
+from conftest import shared_path
 
 TINY = dict(width=32, blocks=2, layers=1, head_dim=16)
 FAST = dict(batch_size=64, lr=3e-3, warmup=5, log_every=10, eval_every=20, sample_every=20,

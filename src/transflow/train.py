@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import __version__
 from .data import ImageData, load_data
+from .evaluate import evaluate_bpd
 from .flows import FAMILIES, Flow, FlowConfig, JetConfig, TarFlow, TarFlowConfig, build
 from .images import grid, levels_to_pixels, save_png
 from .likelihood import bits_per_dim, dequantize_gaussian, dequantize_uniform, unit_to_levels
@@ -72,6 +73,7 @@ class TrainConfig:
     amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"
     compile: bool = False
     max_bad_steps: int = 50
+    time_limit: float = 0.0  # minutes; > 0 fits `steps` to the budget from the measured speed
     prior_momentum: float = 0.1
     tensorboard: bool = False
 
@@ -81,8 +83,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.warmup < 0 or self.eval_images < 0:
-            raise ValueError("warmup and eval_images must be >= 0")
+        if self.warmup < 0 or self.eval_images < 0 or self.time_limit < 0:
+            raise ValueError("warmup, eval_images and time_limit must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.label_drop <= 1:
@@ -155,28 +157,6 @@ def make_batch(x_levels: Tensor, y: Tensor | None, step: int, cfg: TrainConfig,
             drop = torch.rand(len(labels), generator=g, device=device) < cfg.label_drop
             labels = torch.where(drop, torch.full_like(labels, -1), labels)
     return x, labels
-
-
-@torch.no_grad()
-def evaluate_bpd(model: Flow, x_levels: Tensor, y: Tensor | None, *, batch_size: int = 256,
-                 seed: int = 1234, limit: int = 0, progress: bool = False) -> dict[str, float]:
-    """Mean test bits/dim (uniform dequantization, one noise sample per image, fixed seed) and
-    its standard error, over ``x_levels [N, C, H, W]`` (or its first ``limit`` images)."""
-    from tqdm.auto import tqdm
-
-    cfg = model.config
-    device = next(model.parameters()).device
-    n = len(x_levels) if not limit else min(limit, len(x_levels))
-    g = torch.Generator(device=device).manual_seed(seed)
-    vals = []
-    for i in tqdm(range(0, n, batch_size), disable=not progress, desc="bits/dim", leave=False):
-        k = x_levels[i:min(i + batch_size, n)].to(device)
-        x = dequantize_uniform(k, cfg.num_levels, generator=g)
-        yy = None if (y is None or not cfg.num_classes) else y[i:i + len(k)].to(device)
-        vals.append(bits_per_dim(model.log_prob(x, yy).double(), cfg.dims, cfg.num_levels))
-    v = torch.cat(vals)
-    se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return {"bpd": float(v.mean()), "se": se, "images": len(v)}
 
 
 @torch.no_grad()
@@ -334,6 +314,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                     writer.add_scalar(k, v, record["step"])
 
     t0 = time.perf_counter()
+    start_step = step
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, mininterval=0.5)
     window_t, consecutive_bad = time.perf_counter(), 0
@@ -380,6 +361,16 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                     for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
                         be.copy_(bm)
                 step += 1
+                if cfg.time_limit and step == start_step + 30:
+                    cfg = _fit_steps_to_budget(cfg, step, elapsed_before, time.perf_counter() - t0)
+                    resolved["train"] = dataclasses.asdict(cfg)
+                    _write_json(run_dir / "config.json", resolved)
+                    bar.total = cfg.steps
+                elif cfg.time_limit and step > start_step + 30 and (
+                        elapsed_before + time.perf_counter() - t0 > cfg.time_limit * 60):
+                    cfg = dataclasses.replace(cfg, steps=step)  # out of time: finish here
+                    resolved["train"] = dataclasses.asdict(cfg)
+                    _write_json(run_dir / "config.json", resolved)
                 bpd_batch = float(bits_per_dim(log_p.detach().double(), model_config.dims,
                                                model_config.num_levels).mean())
                 window["bpd"] += bpd_batch
@@ -433,6 +424,15 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                "test_images": ev["images"], "seconds": elapsed, "skipped_steps": bad_total,
                "parameters": sum(p.numel() for p in model.parameters())}
     return summary
+
+
+def _fit_steps_to_budget(cfg: TrainConfig, step: int, before: float, spent: float
+                         ) -> TrainConfig:
+    """Set ``steps`` so the run ends within ``time_limit`` at the speed of the last 30 steps
+    (keeping 10% of the budget for evaluations and the final test pass)."""
+    rate = 30 / max(spent, 1e-9)
+    left = 0.9 * cfg.time_limit * 60 - before - spent
+    return dataclasses.replace(cfg, steps=max(step + 1, step + int(left * rate)))
 
 
 def _init_from(model: Flow, source: str) -> None:
