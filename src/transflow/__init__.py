@@ -4,6 +4,7 @@ Direction convention: ``model(x, y) -> (z, logdet)`` maps data to latent; ``mode
 maps latent to data. See :mod:`transflow.likelihood` for the bits/dim convention.
 """
 
+from .checkpoints import load, save_pretrained
 from .flows import Flow, FlowConfig, Jet, JetConfig, TarFlow, TarFlowConfig, build, config_from_dict
 from .likelihood import (
                          bits_per_dim,
@@ -18,4 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Flow", "FlowConfig", "Jet", "JetConfig", "TarFlow", "TarFlowConfig", "build",
            "config_from_dict", "bits_per_dim", "dequantize_gaussian", "dequantize_uniform",
-           "levels_to_unit", "unit_to_levels", "PRESETS", "get_config"]
+           "levels_to_unit", "unit_to_levels", "PRESETS", "get_config",
+           "load", "save_pretrained"]

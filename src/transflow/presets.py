@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        train=_DIGITS_TRAIN),
     "tarflow-small": dict(model="tarflow", image_size=28, channels=1, patch_size=4, width=128,
                           blocks=4, layers=2, num_classes=10, train=_SMALL_TRAIN),
-    "jet-small": dict(model="jet", image_size=28, channels=1, patch_size=4, couplings=8,
+    "jet-small": dict(model="jet", image_size=28, channels=1, patch_size=2, couplings=8,
                       block_depth=2, width=128, heads=4, num_classes=10, train=_SMALL_TRAIN),
     "tarflow-base": dict(model="tarflow", image_size=32, channels=3, patch_size=4, width=256,
                          blocks=4, layers=2, num_classes=10, train=_SMALL_TRAIN),

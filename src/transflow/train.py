@@ -182,14 +182,44 @@ def sample_grid(model: Flow, path: Path, seed: int = 0, per_class: int = 8) -> N
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def _fault(point: str, step: int, before_kill: Any = None) -> None:
+    """Fault injection for the crash-safety tests: ``TRANSFLOW_FAULT=point@step[,...]`` kills
+    this process with SIGKILL at that point of that step (``sigterm@step`` sends SIGTERM after
+    the step instead). Points: ``step``, ``ckpt_write`` (half the file written), ``ckpt_written``,
+    ``ckpt_rotated`` (between the two renames)."""
+    spec = os.environ.get("TRANSFLOW_FAULT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, at = item.partition("@")
+        if not at or int(at) != step:
+            continue
+        if name == "sigterm" and point == "step":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif name == point:
+            if before_kill is not None:
+                before_kill()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _atomic_torch_save(obj: Any, path: Path, step: int = -1) -> None:
+    """Write ``obj`` to a temporary file, fsync it, keep the current checkpoint as
+    ``checkpoint.prev.pt`` and move the new one into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            _fault("ckpt_write", step, lambda: (f.truncate(f.tell() // 2), f.flush()))
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"could not write checkpoint {path} ({e.strerror or e}); the previous "
+                         "checkpoint is intact") from e
+    _fault("ckpt_written", step)
     if path.exists():
         os.replace(path, path.with_name(PREV_CHECKPOINT))
+    _fault("ckpt_rotated", step)
     os.replace(tmp, path)
 
 
@@ -280,7 +310,6 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
         step, bad_total = int(ckpt["step"]), int(ckpt.get("bad_steps", 0))
         elapsed_before = float(ckpt.get("elapsed", 0.0))
         window = dict(ckpt.get("log_window", window))
-    run_dir.mkdir(parents=True, exist_ok=True)
     _check_writable(run_dir)
     resolved = {"model": model_config.to_dict(), "train": dataclasses.asdict(cfg),
                 "data": {"spec": data_spec or data.name, "name": data.name,
@@ -303,7 +332,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                             "model_config": model_config.to_dict(),
                             "train_config": dataclasses.asdict(cfg), "data_spec": data_spec,
                             "bad_steps": bad_total, "elapsed": elapsed, "log_window": window},
-                           run_dir / CHECKPOINT)
+                           run_dir / CHECKPOINT, step_done)
 
     def log(record: dict[str, Any]) -> None:
         with open(metrics_path, "a") as f:
@@ -352,6 +381,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                     continue
                 consecutive_bad = 0
                 opt.step()
+                _fault("step", step + 1)
                 if isinstance(model, TarFlow) and not model_config.nvp:
                     model.update_prior(z, cfg.prior_momentum)
                 d = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -417,7 +447,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     log({"step": step, "test_bpd": ev["bpd"], "test_se": ev["se"], "test_images": ev["images"],
          "final": True, "time": elapsed})
     sample_grid(ema, run_dir / "samples" / "final.png", seed=cfg.seed)
-    save_pretrained(ema, run_dir / "model")
+    save_pretrained(model, run_dir / "model", ema_state_dict=ema.state_dict())
     if writer is not None:
         writer.close()
     summary = {"run_dir": str(run_dir), "steps": step, "test_bpd": ev["bpd"], "test_se": ev["se"],
@@ -455,10 +485,11 @@ def _init_from(model: Flow, source: str) -> None:
 def _check_writable(run_dir: Path) -> None:
     probe = run_dir / ".write_test"
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"run directory {run_dir} is not writable ({e.strerror})") from e
+        raise ValueError(f"run directory {run_dir} is not writable ({e.strerror or e})") from e
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -635,6 +666,7 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"run directory {run_dir} already holds a run; use --resume "
                              f"{run_dir} to continue it or --out to start a new one")
     progress = not args.no_progress
+    _check_writable(run_dir)
     print(f"transflow train: {model_cfg.family} on {data.describe()}", file=sys.stderr)
     summary = train(model_cfg, data, cfg, run_dir, data_spec=spec, resume=bool(args.resume),
                     init_from=args.init_from, progress=progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, ClassVar
 
 import torch
@@ -148,6 +149,23 @@ class Flow(nn.Module):
         if var is not None:
             z = z * var.sqrt().to(z.dtype)
         return self.inverse(z, y)
+
+    # -- pretrained layout (implemented in transflow.checkpoints, imported on use) -------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``directory/config.json`` and ``directory/model.safetensors``."""
+        from ..checkpoints import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Flow:
+        """Load with :func:`transflow.load`; ``ValueError`` if it is not a ``cls`` model."""
+        from ..checkpoints import load
+
+        model = load(path, **kwargs)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path} holds a {type(model).__name__} model, not {cls.__name__}")
+        return model
 
     # -- input checks shared by both families --------------------------------------------------
     def _check_input(self, x: Tensor, y: Tensor | None) -> Tensor | None:

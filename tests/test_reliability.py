@@ -1,0 +1,175 @@
+"""No lost work: atomic checkpoints, kill -9 / SIGTERM safety, non-finite steps, full disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import transflow.train as T
+from transflow import get_config
+from transflow.data import load_data
+from transflow.train import TrainConfig, load_checkpoint, train
+
+TINY = ["--width", "32", "--blocks", "2", "--layers", "1", "--head-dim", "16"]
+STEPS = 30
+ARGS = ["--steps", str(STEPS), "--batch-size", "32", "--lr", "3e-3", "--warmup", "3",
+        "--log-every", "5", "--eval-every", "10", "--eval-images", "100", "--sample-every", "15",
+        "--checkpoint-every", "4", "--no-progress"] + TINY
+
+
+def cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRANSFLOW_FAULT", None)
+    if fault:
+        env["TRANSFLOW_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "transflow", "train", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def metrics(run: Path) -> list[dict]:
+    drop = ("time", "img_per_sec")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_kill9_at_random_points_resumes_bit_identically(tmp_path):
+    ref = tmp_path / "ref"
+    assert cli("--out", str(ref), *ARGS).returncode == 0
+
+    rng = random.Random(0)
+    points = ["step", "ckpt_write", "ckpt_written", "ckpt_rotated"]
+    faults = sorted(((rng.randrange(2, STEPS), p) for p in points), key=lambda t: t[0])
+    # checkpoint faults must hit a step that writes a checkpoint
+    faults = [(s - s % 4 if p != "step" else s, p) for s, p in faults]
+    run = tmp_path / "run"
+    first = True
+    for step, point in faults:
+        args = ("--out", str(run), *ARGS) if first else ("--resume", str(run), "--no-progress")
+        r = cli(*args, fault=f"{point}@{step}")
+        assert r.returncode == -9, (point, step, r.stderr[-2000:])
+        first = False
+    r = cli("--resume", str(run), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    a = torch.load(ref / "checkpoint.pt", weights_only=True)
+    b = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == STEPS
+    for part in ("model", "ema", "optimizer"):
+        ta, tb = a[part], b[part]
+        if part == "optimizer":
+            ta = {i: s for i, s in enumerate(ta["state"].values())}
+            tb = {i: s for i, s in enumerate(tb["state"].values())}
+            for i in ta:
+                for k in ta[i]:
+                    assert torch.equal(ta[i][k], tb[i][k]), (part, i, k)
+            continue
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (part, k)
+    assert metrics(ref) == metrics(run)
+    from safetensors.torch import load_file
+    wa, wb = (load_file(r / "model" / "model.safetensors") for r in (ref, run))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert len(faults) == 4
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    r = cli("--out", str(run), *ARGS, fault="sigterm@6")
+    assert r.returncode == 143
+    assert "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def tiny_cfg(digits):
+    return get_config("tarflow-digits", width=32, blocks=2, layers=1, head_dim=16)
+
+
+FAST = dict(batch_size=32, lr=3e-3, warmup=3, log_every=5, eval_every=10, eval_images=50,
+            sample_every=100, checkpoint_every=5)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, digits, capsys):
+    run = tmp_path / "run"
+    train(tiny_cfg(digits), digits, TrainConfig(steps=10, **FAST), run, progress=False)
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 3])  # truncated
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 5
+    assert "unreadable" in capsys.readouterr().err
+    train(tiny_cfg(digits), digits, TrainConfig(steps=12, **FAST), run, resume=True,
+          progress=False)
+    assert load_checkpoint(run)["step"] == 12
+    (run / "checkpoint.pt").write_bytes(b"garbage")
+    (run / "checkpoint.prev.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable"):
+        load_checkpoint(run)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, digits, monkeypatch):
+    real = T.make_batch
+    bad_steps = {4, 5}
+
+    def poisoned(x, y, step, *a, **k):
+        xb, yb = real(x, y, step, *a, **k)
+        return (xb * float("nan"), yb) if step in bad_steps else (xb, yb)
+
+    monkeypatch.setattr(T, "make_batch", poisoned)
+    run = tmp_path / "run"
+    s = train(tiny_cfg(digits), digits, TrainConfig(steps=10, **FAST), run, progress=False)
+    assert s["skipped_steps"] == 2
+    skipped = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "skipped" in line]
+    assert [r["step"] for r in skipped] == [5, 6]
+    model = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
+
+    bad_steps.update(range(12, 100))
+    run2 = tmp_path / "run2"
+    with pytest.raises(ValueError, match="3 consecutive steps with a non-finite"):
+        train(tiny_cfg(digits), digits, TrainConfig(steps=20, max_bad_steps=3, **FAST), run2,
+              progress=False)
+    ckpt = torch.load(run2 / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, digits, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(T.torch, "save", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="No space left on device.*previous checkpoint is intact"):
+        train(tiny_cfg(digits), digits, TrainConfig(steps=10, **FAST), run, progress=False)
+    monkeypatch.setattr(T.torch, "save", real_save)
+    assert load_checkpoint(run)["step"] == 5
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_unwritable_run_directory_is_one_line(tmp_path, capsys):
+    from transflow.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--out", str(blocker / "run"), "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not writable" in err and len(err.splitlines()) == 1
