@@ -8,14 +8,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import perturb, tarflow_config
 from PIL import Image
 
 import transflow.evaluate as E
-from transflow import bits_per_dim, build
+from transflow import build
 from transflow.cli import main
 from transflow.data import load_data
 from transflow.train import TrainConfig, make_batch, train
+
+from conftest import perturb, tarflow_config
 
 
 @pytest.fixture(scope="module")
