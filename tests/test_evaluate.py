@@ -110,3 +110,31 @@ def test_cli_eval_bpd_and_score(tmp_path, capsys):
     assert max(r["bpd"] for r in s[:2]) < min(r["bpd"] for r in s[2:])  # digits beat noise
     assert main(["score", str(run), str(tmp_path / "missing.png")]) == 2
     assert main(["eval", "bpd", str(tmp_path / "nothing")]) == 2
+
+
+def test_cli_fid_with_a_stand_in_network(tmp_path, capsys):
+    """The FID command path end to end (sampling, quantization, features, cached reference
+    statistics) with a small TorchScript stand-in for Inception."""
+    from test_fid import _save_fake
+
+    net = _save_fake(tmp_path / "net.pt", 0)
+    data = load_data("digits")
+    run = tmp_path / "run"
+    train(tarflow_config(num_classes=10, num_levels=17), data,
+          TrainConfig(steps=5, batch_size=32, warmup=1, eval_every=100), run,
+          data_spec="digits", progress=False)
+    cache = tmp_path / "cache"
+    common = ["--data", "digits", "--inception", str(net), "--cache-dir", str(cache),
+              "--no-progress"]
+    assert main(["eval", "fid-stats", "--limit", "100", *common]) == 0
+    assert len(list(cache.glob("ref-*.npz"))) == 1
+    out1, out2 = tmp_path / "a.json", tmp_path / "b.json"
+    args = ["eval", "fid", str(run), "--n", "12", "--batch-size", "5", "--ref-limit", "100",
+            *common]
+    assert main([*args, "--json", str(out1)]) == 0
+    assert main([*args, "--json", str(out2)]) == 0
+    a, b = json.loads(out1.read_text()), json.loads(out2.read_text())
+    assert a["fid"] == b["fid"] and a["fid"] > 0 and math.isfinite(a["fid"])
+    assert a["n"] == 12 and a["reference_images"] == 100
+    assert len(list(cache.glob("ref-*.npz"))) == 1  # the reference was reused
+    assert main(["eval", "fid", str(run), "--n", "1", *common]) == 2

@@ -173,3 +173,55 @@ def test_unwritable_run_directory_is_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(blocker / "run"), "--steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not writable" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["tarflow", "jet"])
+def test_bf16_autocast_keeps_logdet_and_prior_in_fp32(family):
+    from transflow import build
+
+    from conftest import jet_config, perturb, tarflow_config
+    model = perturb(build(tarflow_config() if family == "tarflow" else jet_config()), std=0.05)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    ref_z, ref_ld = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logdet = model(x)
+        prior = model.prior_log_prob(z)
+    assert logdet.dtype == torch.float32 and prior.dtype == torch.float32
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(logdet, ref_ld, rtol=0.05, atol=0.5)
+
+
+def test_channel_mismatch_between_model_and_data_is_one_line(tmp_path, capsys):
+    from transflow import save_pretrained
+    from transflow.cli import main
+
+    model = get_config("tarflow-digits", width=32, blocks=2, layers=1, head_dim=16)
+    from transflow import build
+    save_pretrained(build(model), tmp_path / "m")
+    import numpy as np
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, x_train=np.zeros((4, 8, 8, 3), np.uint8), x_test=np.zeros((4, 8, 8, 3),
+                                                                           np.uint8))
+    assert main(["eval", "bpd", str(tmp_path / "m"), "--data", str(rgb)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has 3 channels, not 1" in err and len(err.splitlines()) == 1
+
+
+def test_full_disk_while_writing_samples_keeps_training(tmp_path, digits, monkeypatch, capsys):
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "save_png", no_space)
+    s = train(tiny_cfg(digits), digits, TrainConfig(steps=10, **(FAST | {"sample_every": 5})),
+              tmp_path / "run", progress=False)
+    assert s["steps"] == 10 and load_checkpoint(tmp_path / "run")["step"] == 10
+    assert "could not write sample grid" in capsys.readouterr().err
+
+
+def test_bit_flip_in_a_checkpoint_is_detected(tmp_path, digits):
+    run = tmp_path / "run"
+    train(tiny_cfg(digits), digits, TrainConfig(steps=10, **FAST), run, progress=False)
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    assert load_checkpoint(run)["step"] == 5  # fell back to checkpoint.prev.pt

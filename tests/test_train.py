@@ -247,3 +247,12 @@ def test_mnist_npz_trains(tmp_path):
     train(cfg, small, TrainConfig(steps=60, **FAST), tmp_path / "run", progress=False)
     tests = [r["test_bpd"] for r in read_metrics(tmp_path / "run") if "test_bpd" in r]
     assert tests[-1] < tests[0] - 0.5, tests
+
+
+def test_time_limit_fits_steps_and_caps_warmup():
+    cfg = TrainConfig(steps=5000, warmup=200, time_limit=10.0)
+    # 30 steps took 6 s: 5 steps/s; 0.9 * 600 s - 6 s left -> 2670 more steps
+    fitted = T._fit_steps_to_budget(cfg, 30, 30, 0.0, 6.0)
+    assert fitted.steps == 30 + int((540 - 6) * 5) and fitted.warmup == 200
+    slow = T._fit_steps_to_budget(cfg, 30, 30, 0.0, 60.0)  # 0.5 steps/s -> 270 + 30 steps
+    assert slow.steps == 30 + 240 and slow.warmup == 27

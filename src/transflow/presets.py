@@ -14,7 +14,7 @@ _JET_SIX_MASKS = ["checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv"
                   "hstripes-inv"]
 
 # training defaults that come with the small presets (flags override them)
-_DIGITS_TRAIN = dict(steps=1500, batch_size=128, lr=2e-3, warmup=100, eval_every=250,
+_DIGITS_TRAIN = dict(steps=1000, batch_size=128, lr=5e-3, warmup=100, eval_every=250,
                      sample_every=500, checkpoint_every=250, ema_decay=0.995)
 _SMALL_TRAIN = dict(steps=5000, batch_size=64, lr=1e-3, warmup=200, eval_every=500,
                     sample_every=1000, checkpoint_every=500, ema_decay=0.999)
@@ -41,8 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                        train=_DIGITS_TRAIN),
     "tarflow-small": dict(model="tarflow", image_size=28, channels=1, patch_size=4, width=128,
                           blocks=4, layers=2, num_classes=10, train=_SMALL_TRAIN),
+    # patch 2: Jet's spatial couplings need an even token count (28/4 = 7x7 would be odd)
     "jet-small": dict(model="jet", image_size=28, channels=1, patch_size=2, couplings=8,
-                      block_depth=2, width=128, heads=4, num_classes=10, train=_SMALL_TRAIN),
+                      block_depth=2, width=64, heads=2, num_classes=10, train=_SMALL_TRAIN),
     "tarflow-base": dict(model="tarflow", image_size=32, channels=3, patch_size=4, width=256,
                          blocks=4, layers=2, num_classes=10, train=_SMALL_TRAIN),
     "jet-base": dict(model="jet", image_size=32, channels=3, patch_size=4, couplings=8,

@@ -202,9 +202,29 @@ def _fault(point: str, step: int, before_kill: Any = None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _digest(obj: Any, crc: int = 0) -> int:
+    """CRC-32 over every tensor's bytes (and every scalar) of a nested dict/list, in a fixed
+    order: stored in a checkpoint so that corrupted tensor data is detected on load."""
+    import zlib
+
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            crc = _digest(obj[k], zlib.crc32(str(k).encode(), crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            crc = _digest(v, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+
 def _atomic_torch_save(obj: Any, path: Path, step: int = -1) -> None:
-    """Write ``obj`` to a temporary file, fsync it, keep the current checkpoint as
-    ``checkpoint.prev.pt`` and move the new one into place."""
+    """Write ``obj`` (plus its CRC-32 digest) to a temporary file, fsync it, keep the current
+    checkpoint as ``checkpoint.prev.pt`` and move the new one into place."""
+    obj = dict(obj, digest=_digest(obj))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -235,6 +255,9 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or "step" not in ckpt or "model" not in ckpt:
                 raise ValueError("not a transflow training checkpoint")
+            digest = ckpt.pop("digest", None)
+            if digest is not None and digest != _digest(ckpt):
+                raise ValueError("checksum mismatch: the file is corrupt")
             if errors:
                 print(f"warning: {errors[-1]}; resuming from {name}", file=sys.stderr)
             return ckpt
@@ -391,12 +414,16 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                     for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
                         be.copy_(bm)
                 step += 1
-                if cfg.time_limit and step == start_step + 30:
-                    cfg = _fit_steps_to_budget(cfg, step, elapsed_before, time.perf_counter() - t0)
-                    resolved["train"] = dataclasses.asdict(cfg)
-                    _write_json(run_dir / "config.json", resolved)
-                    bar.total = cfg.steps
-                elif cfg.time_limit and step > start_step + 30 and (
+                if cfg.time_limit and step >= start_step + 30 and (
+                        step == start_step + 30 or step % cfg.log_every == 0):
+                    fitted = _fit_steps_to_budget(cfg, step - start_step, step, elapsed_before,
+                                                  time.perf_counter() - t0)
+                    if abs(fitted.steps - cfg.steps) > 0.02 * cfg.steps:
+                        cfg = fitted
+                        resolved["train"] = dataclasses.asdict(cfg)
+                        _write_json(run_dir / "config.json", resolved)
+                        bar.total = cfg.steps
+                if cfg.time_limit and step > start_step + 30 and (
                         elapsed_before + time.perf_counter() - t0 > cfg.time_limit * 60):
                     cfg = dataclasses.replace(cfg, steps=step)  # out of time: finish here
                     resolved["train"] = dataclasses.asdict(cfg)
@@ -426,7 +453,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                     window = {"bpd": 0.0, "n": 0, "imgs": 0}
                     window_t = time.perf_counter()
                 if step % cfg.sample_every == 0 and step != cfg.steps:
-                    sample_grid(ema, run_dir / "samples" / f"step_{step:07d}.png", seed=cfg.seed)
+                    _try_sample_grid(ema, run_dir / "samples" / f"step_{step:07d}.png", cfg.seed)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     save(step, elapsed_before + time.perf_counter() - t0)
         except KeyboardInterrupt:
@@ -446,7 +473,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     ev = evaluate_bpd(ema, data.x_test, data.y_test, progress=progress)
     log({"step": step, "test_bpd": ev["bpd"], "test_se": ev["se"], "test_images": ev["images"],
          "final": True, "time": elapsed})
-    sample_grid(ema, run_dir / "samples" / "final.png", seed=cfg.seed)
+    _try_sample_grid(ema, run_dir / "samples" / "final.png", cfg.seed)
     save_pretrained(model, run_dir / "model", ema_state_dict=ema.state_dict())
     if writer is not None:
         writer.close()
@@ -456,13 +483,27 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     return summary
 
 
-def _fit_steps_to_budget(cfg: TrainConfig, step: int, before: float, spent: float
+def _try_sample_grid(model: Flow, path: Path, seed: int) -> None:
+    """Sample grids are a convenience: a failure to write one (full disk, ...) is reported and
+    training goes on."""
+    try:
+        sample_grid(model, path, seed=seed)
+    except OSError as e:
+        print(f"warning: could not write sample grid {path} ({e.strerror or e}); training "
+              "continues", file=sys.stderr)
+
+
+def _fit_steps_to_budget(cfg: TrainConfig, done: int, step: int, before: float, spent: float
                          ) -> TrainConfig:
-    """Set ``steps`` so the run ends within ``time_limit`` at the speed of the last 30 steps
-    (keeping 10% of the budget for evaluations and the final test pass)."""
-    rate = 30 / max(spent, 1e-9)
+    """Set ``steps`` so the run ends within ``time_limit`` at the speed of this session so far
+    (``done`` steps in ``spent`` seconds), keeping 10% of the budget for the final evaluation;
+    the warmup is capped at 10% of the steps. Refitted at every log step while the machine's
+    speed changes."""
+    rate = done / max(spent, 1e-9)
     left = 0.9 * cfg.time_limit * 60 - before - spent
-    return dataclasses.replace(cfg, steps=max(step + 1, step + int(left * rate)))
+    steps = max(step + 1, step + int(left * rate))
+    # a short budget must not spend itself warming up: at most 10% of the steps
+    return dataclasses.replace(cfg, steps=steps, warmup=min(cfg.warmup, max(1, steps // 10)))
 
 
 def _init_from(model: Flow, source: str) -> None:
