@@ -43,7 +43,8 @@ SPATIAL_MASKS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
 @dataclasses.dataclass
 class JetConfig(FlowConfig):
     """Jet hyper-parameters. ``kinds`` repeats over the ``couplings``; the k-th spatial coupling
-    uses ``spatial_masks[k % len(spatial_masks)]``. ``perm_seed`` fixes the random channel permutations.
+    uses ``spatial_masks[k % len(spatial_masks)]``. ``perm_seed`` fixes the random channel
+    permutations.
     """
 
     family = "jet"
@@ -86,7 +87,7 @@ class JetConfig(FlowConfig):
                              "halves; channels * patch_size^2 must be even")
         if self.tokens % 2:
             raise ValueError(f"spatial couplings split the {self.tokens} tokens in halves; the "
-                             "number of tokens must be even")
+                             "number of tokens must be even (choose another patch_size)")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if not self.scale_factor > 0:
@@ -200,8 +201,9 @@ class Coupling(nn.Module):
         y2 = None if y is None else torch.cat([y, torch.full_like(y, self.null_class)])
         temp: float | Tensor = 1.0
         if guidance.attn_temp != 1.0:
-            temp = torch.cat([torch.ones(n), torch.full((n,), float(guidance.attn_temp))])
-            temp = temp.to(z.device)
+            temp = torch.cat([torch.ones(n, dtype=z.dtype, device=z.device),
+                              torch.full((n,), float(guidance.attn_temp), dtype=z.dtype,
+                                         device=z.device)])
         bias, raw = self.conditioner(torch.cat([z1, z1]), y2, temp)
         a, mu = guidance.combine_jet(bias[:n], raw[:n], bias[n:], raw[n:], self.log_factor)
         return self._join(z1, (z2 * torch.exp(a) + mu).to(z.dtype))
