@@ -84,7 +84,8 @@ def test_training_on_a_tiny_npz(tmp_path):
     data = load_data(str(path))
     assert (data.num_levels, data.num_classes, data.channels) == (256, 4, 1)
     run = tmp_path / "run"
-    train(tiny_tarflow(data), data, TrainConfig(steps=40, **FAST), run, progress=False)
+    train(tiny_tarflow(data), data, TrainConfig(steps=80, **(FAST | {"eval_every": 10})), run,
+          progress=False)
     tests = [r["test_bpd"] for r in read_metrics(run) if "test_bpd" in r]
     assert tests[-1] < tests[0] - 0.5, tests
 
