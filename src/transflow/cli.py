@@ -290,7 +290,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--seed", type=int, default=1234)
     b.add_argument("--device", default="auto")
-    b.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights of a run")
     b.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_run_eval_bpd)
