@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _results import emit
 
 from transflow import build, get_config
 from transflow.train import CHECKPOINT, _atomic_torch_save, load_checkpoint
-
-RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_overhead.jsonl"
 
 
 def main() -> None:
@@ -56,10 +54,7 @@ def main() -> None:
               "save_s": {"median": statistics.median(saves), "all": saves},
               "load_verify_s": {"median": statistics.median(loads), "all": loads},
               "torch": torch.__version__, "threads": torch.get_num_threads()}
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    emit("checkpoint_overhead", result)
 
 
 if __name__ == "__main__":

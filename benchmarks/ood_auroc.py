@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from _results import emit
 from PIL import Image
 
 import transflow
 from transflow.data import _pil_to_array
 from transflow.evaluate import auroc, per_image_bpd
-
-RESULTS = Path(__file__).resolve().parent / "results" / "ood_auroc.jsonl"
 
 
 def main() -> None:
@@ -56,10 +54,7 @@ def main() -> None:
               "non_finite": {k: int((~torch.isfinite(v)).sum()) for k, v in scores.items()},
               "auroc_vs_mnist": {k: auroc(scores["mnist"], scores[k])
                                  for k in ("cifar_grey", "noise")}}
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    emit("ood_auroc", result)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results" / "train_speed.jsonl"
+from _results import emit
 
 SHAPES = {
     "A": dict(batch=64, config=dict(model="tarflow", image_size=32, channels=1, patch_size=4,
@@ -119,10 +117,7 @@ def main() -> None:
               "threads": torch.get_num_threads(),
               "torch": torch.__version__, "compile": a.compile, "steps": a.steps,
               "repeats": a.repeats, "original": ORIGINAL, "results": rows}
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    emit("train_speed", result)
 
 
 if __name__ == "__main__":
