@@ -225,3 +225,91 @@ def test_bit_flip_in_a_checkpoint_is_detected(tmp_path, digits):
     data[len(data) // 2] ^= 0xFF  # inside the tensor data
     (run / "checkpoint.pt").write_bytes(bytes(data))
     assert load_checkpoint(run)["step"] == 5  # fell back to checkpoint.prev.pt
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input through the command line: exit code 2, one line naming the cause, nothing damaged
+# ---------------------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"echo hacked > {self.marker}",)
+
+
+def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv, text the error line must contain); builds the files they need."""
+    import numpy as np
+    from PIL import Image
+
+    from transflow import build, save_pretrained
+
+    small = get_config("tarflow-digits", width=32, blocks=2, layers=1, head_dim=16)
+    save_pretrained(build(small), root / "model")
+    other = root / "other"
+    save_pretrained(build(small.replace(width=64)), other)
+    (other / "config.json").write_text((root / "model" / "config.json").read_text())
+    z = np.zeros
+    np.savez(root / "empty.npz", x_train=z((0, 8, 8, 1), np.uint8), x_test=z((3, 8, 8, 1),
+                                                                             np.uint8))
+    np.savez(root / "neg.npz", x_train=z((3, 8, 8, 1), np.uint8), y_train=[0, -4, 1],
+             x_test=z((3, 8, 8, 1), np.uint8), y_test=[0, 0, 0])
+    np.savez(root / "rgb.npz", x_train=z((3, 8, 8, 3), np.uint8), x_test=z((3, 8, 8, 3),
+                                                                          np.uint8))
+    folder = root / "folder"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), i * 20, np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    torch.save({"var": torch.ones(16, 4), "x": _Payload(root / "hacked")}, root / "evil.pth")
+    (root / "file").write_text("x")
+    m, out = str(root / "model"), str(root / "out")
+    return {
+        "unknown preset": (["train", "--preset", "huge", "--out", out], "unknown preset 'huge'"),
+        "patch does not divide": (["train", "--patch-size", "3", "--out", out],
+                                  "patch_size 3 does not divide image_size 8"),
+        "channels mismatch": (["eval", "bpd", m, "--data", str(root / "rgb.npz")],
+                              "has 3 channels, not 1"),
+        "empty split": (["train", "--data", str(root / "empty.npz"), "--out", out],
+                        "empty train split"),
+        "corrupt image, strict": (["train", "--data", str(folder), "--strict", "--out", out],
+                                  "cannot read image"),
+        "labels out of range (data)": (["train", "--data", str(root / "neg.npz"), "--out", out],
+                                       "labels must be >= 0, found -4"),
+        "class out of range": (["sample", m, "-o", str(root / "s.png"), "--class", "12"],
+                               "out of range"),
+        "guidance out of range": (["sample", m, "-o", str(root / "s.png"), "--guidance", "-2"],
+                                  "guidance"),
+        "temperature out of range": (["sample", m, "-o", str(root / "s.png"),
+                                      "--temperature", "-1"], "temperature"),
+        "other architecture": (["sample", str(other), "-o", str(root / "s.png")],
+                               "blocks.0.pos_embed"),
+        "pickle payload": (["convert", "tarflow-original", str(root / "evil.pth"),
+                            "--patch-size", "2", "--width", "32", "--blocks", "2", "--layers", "1",
+                            str(root / "conv")], "refusing to unpickle"),
+        "run dir not writable": (["train", "--out", str(root / "file" / "run")],
+                                 "is not writable"),
+        "samples path not writable": (["sample", m, "-o", str(root / "file" / "s.png")],
+                                      "is not a directory"),
+        "missing model": (["eval", "bpd", str(root / "nope"), "--data", "digits"], "nope"),
+    }
+
+
+def test_cli_bad_inputs_exit_2_with_one_line_and_damage_nothing(tmp_path, capsys):
+    from transflow.cli import main
+
+    cases = _bad_inputs(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    failures = []
+    for name, (argv, needle) in cases.items():
+        rc = main(argv + (["--no-progress"] if argv[0] == "train" else []))
+        err = capsys.readouterr().err.strip()
+        lines = err.splitlines()
+        if rc != 2 or len(lines) != 1 or needle not in err or "Traceback" in err:
+            failures.append((name, rc, err[-300:]))
+    assert not failures, failures
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "a failed command changed or created files"
+    assert not (tmp_path / "hacked").exists()
+    assert len(cases) == 14

@@ -212,6 +212,20 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_sample)
 
 
+def _check_output_location(directory) -> None:
+    """Fail before any work if ``directory`` cannot be created or written (creates nothing)."""
+    from pathlib import Path
+
+    d = Path(directory).absolute()
+    probe = d
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write to {directory}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {directory}: {probe} is not writable")
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -232,6 +246,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if args.upscale < 1 or (args.nrow is not None and args.nrow < 1):
         raise UsageError("--upscale and --nrow must be >= 1")
+    _check_output_location(out if fmt == "pngs" else out.parent)
     model = load(args.model, device=args.device)
     cfg = model.config
     if fmt != "npz" and cfg.channels not in (1, 3):
