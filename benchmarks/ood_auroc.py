@@ -24,7 +24,7 @@ from _results import emit
 from PIL import Image
 
 import transflow
-from transflow.data import _pil_to_array
+from transflow.data import pil_to_array
 from transflow.evaluate import auroc, per_image_bpd
 
 
@@ -42,7 +42,7 @@ def main() -> None:
         mnist = torch.from_numpy(f["x_test"][: a.n].transpose(0, 3, 1, 2).copy())
     with np.load(d / "cifar10_subset.npz") as f:
         cifar_rgb = f["x_test"][: a.n]
-    cifar = torch.from_numpy(np.stack([_pil_to_array(Image.fromarray(im), c.image_size, 1)
+    cifar = torch.from_numpy(np.stack([pil_to_array(Image.fromarray(im), c.image_size, 1)
                                        for im in cifar_rgb]))
     noise = torch.randint(0, 256, mnist.shape, generator=torch.Generator().manual_seed(0),
                           dtype=torch.uint8)

@@ -409,12 +409,9 @@ def _run_eval_fid(args: argparse.Namespace) -> int:
 
 
 def _load_model(path: str, device: str = "auto"):
-    import torch
-
     from .checkpoints import load
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return load(path, device=dev).eval()
+    return load(path, device=_device_name(device)).eval()
 
 
 def _run_eval_bpd(args: argparse.Namespace) -> int:

@@ -169,7 +169,7 @@ def _read_image(path: Path, size: int | None, channels: int | None) -> np.ndarra
 
     with Image.open(path) as im:
         im.load()
-        return _pil_to_array(im, size, channels)
+        return pil_to_array(im, size, channels)
 
 
 def _list_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -264,7 +264,7 @@ def _huggingface(name: str, image_size: int | None, channels: int | None) -> Ima
         col = next((c for c in ("image", "img") if c in d.column_names), None)
         if col is None:
             raise ValueError(f"hf:{name} has no image column (columns: {d.column_names})")
-        x = torch.from_numpy(np.stack([_pil_to_array(ex[col], image_size, channels)
+        x = torch.from_numpy(np.stack([pil_to_array(ex[col], image_size, channels)
                                        for ex in d]))
         y = torch.tensor(d["label"], dtype=torch.long) if "label" in d.column_names else None
         out[split] = (x, y)
@@ -272,7 +272,7 @@ def _huggingface(name: str, image_size: int | None, channels: int | None) -> Ima
     return ImageData(f"hf:{name}", *out["train"], *out["test"], num_levels=256, num_classes=k)
 
 
-def _pil_to_array(im, size: int | None, channels: int | None) -> np.ndarray:
+def pil_to_array(im, size: int | None, channels: int | None) -> np.ndarray:
     """PIL image -> ``uint8 [C, size, size]``: grey or RGB, centre-cropped square, resized."""
     from PIL import Image
 

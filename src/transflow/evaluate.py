@@ -101,7 +101,7 @@ def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Ten
     levels ``[N, C, H, W]`` for ``model``: converted to its channels, centre-cropped and resized
     to its size, and 8-bit values mapped to its ``K`` levels by ``floor(v * K / 256)``.
     Returns the levels and a name per image."""
-    from .data import _pil_to_array
+    from .data import pil_to_array
 
     cfg = model.config
     arrays, names = [], []
@@ -129,7 +129,7 @@ def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Ten
             try:
                 with Image.open(p) as im:
                     im.load()
-                    arrays.append(_pil_to_array(im, cfg.image_size, cfg.channels)[None])
+                    arrays.append(pil_to_array(im, cfg.image_size, cfg.channels)[None])
             except Exception as e:
                 raise ValueError(f"cannot read image {p}: {e}") from e
             names.append(str(p))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -123,6 +124,12 @@ def _seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The data order of one epoch (cached: consecutive steps reuse it; callers only slice)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:
     """Indices of the images in global batch ``step``: consecutive slices of per-epoch
     permutations seeded by ``(seed, epoch)``."""
@@ -130,8 +137,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:
     out, filled = [], 0
     while filled < batch_size:
         epoch, pos = divmod(start + filled, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
-        take = perm[pos:pos + batch_size - filled]
+        take = _epoch_permutation(n, seed, epoch)[pos:pos + batch_size - filled]
         out.append(take)
         filled += len(take)
     return torch.cat(out)
