@@ -10,6 +10,13 @@ Shapes (random data in [-1, 1] plus noise, AdamW with weight decay, fp32):
 Each shape runs in a fresh process (so its peak resident memory is its own): ``warmup`` steps,
 then ``repeats`` timed runs of ``steps`` training steps (forward, loss, backward, optimizer) and
 of ``steps`` no-grad ``log_prob`` evaluations. Reports median and min-max images per second.
+
+For the TarFlow shapes the original implementation's computation (``_original_tarflow.py``:
+materialised causal mask, all ``T`` tokens then a shift, its loss) runs in the same process on
+the same weights, checked to give the same ``(z, logdet)``, with the timed runs interleaved, so
+``speedup_*_same_run`` compares like with like on whatever machine this runs on. The process
+also measures its fp32 GEMM rate (2048^3) and reports the achieved model GFLOP/s
+(:mod:`transflow.flops`) as a fraction of it.
 Prints JSON and appends it to ``benchmarks/results/train_speed.jsonl``.
 
 Run: ``python benchmarks/train_speed.py [--shapes A B J] [--repeats 5] [--compile]``.
@@ -39,13 +46,30 @@ SHAPES = {
                                     couplings=8, block_depth=2, width=256, heads=4,
                                     kinds=["channels", "channels", "spatial"])),
 }
+# the issue's figures for the original implementations (measured elsewhere, not in this run)
 ORIGINAL = {"A": {"train": 233.0, "eval": 547.0, "rss_gb": 0.75},
             "B": {"train": 9.3, "eval": 25.2, "rss_gb": 3.3},
             "J": {"train": 21.9, "eval": 80.6}}
 
 
-def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool) -> dict:
+def matmul_peak(seconds: float = 1.0) -> float:
+    """Measured fp32 GEMM rate of this machine (GFLOP/s, 2048^3 products, best of the runs)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    a @ b
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool,
+            original: bool) -> dict:
+    from _original_tarflow import original_forward, original_loss
+
     from transflow import build
+    from transflow.flops import forward_flops, train_flops
     from transflow.flows import config_from_dict
 
     spec = SHAPES[shape]
@@ -72,19 +96,47 @@ def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool) -
         with torch.no_grad():
             model.log_prob(x)
 
-    out = {}
-    for name, fn in (("train", train_step), ("eval", eval_step)):
+    def original_train_step() -> None:
+        loss = original_loss(model, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def original_eval_step() -> None:
+        with torch.no_grad():
+            z, logdet = original_forward(model, x)
+            model.prior_log_prob(z) + logdet
+
+    fns = {"train": train_step, "eval": eval_step}
+    if original and cfg.family == "tarflow":
+        with torch.no_grad():  # the baseline computes the same flow before it is timed
+            z0, ld0 = model(x)
+            z1, ld1 = original_forward(model, x)
+        assert torch.allclose(z0, z1, atol=1e-4) and torch.allclose(ld0, ld1, rtol=1e-4)
+        fns.update(original_train=original_train_step, original_eval=original_eval_step)
+    for fn in fns.values():
         for _ in range(warmup):
             fn()
-        rates = []
-        for _ in range(repeats):
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):  # interleaved, so slow phases of the machine hit every variant
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
-            rates.append(steps * b / (time.perf_counter() - t0))
-        out[name] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+            rates[name].append(steps * b / (time.perf_counter() - t0))
+    out: dict = {k: {"median": statistics.median(r), "min": min(r), "max": max(r)}
+                 for k, r in rates.items()}
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out["params"] = sum(p.numel() for p in model.parameters())
+    peak = matmul_peak()
+    out["gemm_peak_gflops"] = peak
+    out["train_gflops"] = out["train"]["median"] * train_flops(cfg) / 1e9
+    out["eval_gflops"] = out["eval"]["median"] * forward_flops(cfg) / 1e9
+    out["train_fraction_of_gemm_peak"] = out["train_gflops"] / peak
+    out["eval_fraction_of_gemm_peak"] = out["eval_gflops"] / peak
+    if "original_train" in out:
+        out["speedup_train_same_run"] = out["train"]["median"] / out["original_train"]["median"]
+        out["speedup_eval_same_run"] = out["eval"]["median"] / out["original_eval"]["median"]
     return out
 
 
@@ -95,22 +147,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-original", action="store_true",
+                    help="skip the original TarFlow computation run side by side")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(run_one(a.child, a.steps, a.repeats, a.warmup, a.compile)))
+        print(json.dumps(run_one(a.child, a.steps, a.repeats, a.warmup, a.compile,
+                                 not a.no_original)))
         return
     rows = {}
     for s in a.shapes:
         cmd = [sys.executable, __file__, "--child", s, "--steps", str(a.steps), "--repeats",
                str(a.repeats), "--warmup", str(a.warmup)] + (["--compile"] if a.compile else [])
+        cmd += ["--no-original"] if a.no_original else []
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[s] = json.loads(r.stdout.strip().splitlines()[-1])
         rows[s]["batch"] = SHAPES[s]["batch"]
         rows[s]["config"] = SHAPES[s]["config"]
         orig = ORIGINAL[s]
-        rows[s]["speedup_train"] = rows[s]["train"]["median"] / orig["train"]
-        rows[s]["speedup_eval"] = rows[s]["eval"]["median"] / orig["eval"]
+        rows[s]["ratio_to_issue_figure_train"] = rows[s]["train"]["median"] / orig["train"]
+        rows[s]["ratio_to_issue_figure_eval"] = rows[s]["eval"]["median"] / orig["eval"]
     now = datetime.datetime.now().isoformat(" ", "seconds")
     result = {"benchmark": "train_speed", "date": now,
               "machine": platform.processor() or platform.machine(),
