@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+CHECKPOINTING = ("none", "block", "layer")
+
 
 @dataclasses.dataclass
 class FlowConfig:
@@ -101,6 +103,48 @@ class Flow(nn.Module):
     """
 
     config: FlowConfig
+
+    #: Memory savers for training (runtime settings, not part of the config, never saved); set
+    #: with :meth:`configure_memory`.
+    checkpointing: str = "none"
+    reversible: bool = False
+    supports_reversible: ClassVar[bool] = False
+
+    def configure_memory(self, checkpointing: str = "none", reversible: bool = False) -> None:
+        """Trade compute for activation memory in training-time forwards (grad enabled).
+
+        ``checkpointing``: ``"none"``; ``"block"`` keeps only each flow block's (TarFlow) or
+        coupling's (Jet) input and recomputes its activations in backward; ``"layer"`` does the
+        same per Transformer layer inside every block (a finer grain: more tensors kept, smaller
+        recompute peak). ``reversible`` (Jet only): keep no activations of the coupling stack at
+        all and rebuild each coupling's input from its output in backward with the exact inverse
+        (see :class:`transflow.flows.jet.ReversibleCouplings`); it replaces checkpointing, so it
+        needs ``checkpointing="none"``. Each costs about one extra forward pass in backward;
+        outputs are unchanged and gradients equal up to float rounding. ``ValueError`` for an
+        unknown or unsupported setting.
+
+        Inference (no grad), :meth:`inverse` and sampling are unaffected. These are runtime
+        attributes: they are not in :attr:`config` and not saved with the model.
+        """
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"unknown checkpointing {checkpointing!r}; expected one of "
+                             f"{CHECKPOINTING}")
+        if not isinstance(reversible, bool):
+            raise ValueError(f"reversible must be a bool, got {reversible!r}")
+        if reversible and checkpointing != "none":
+            raise ValueError("reversible=True already keeps no activations of the flow stack; "
+                             f"use it with checkpointing='none', not {checkpointing!r}")
+        if reversible and not self.supports_reversible:
+            raise ValueError(f"{type(self).__name__} does not support reversible=True: its "
+                             "inverse is sequential (one Transformer pass per token), so "
+                             "rebuilding activations from outputs would cost far more than "
+                             "it saves; use checkpointing='block' or 'layer' instead")
+        self.checkpointing = checkpointing
+        self.reversible = reversible
+
+    def _checkpoint_mode(self) -> str:
+        """The checkpointing that applies to this forward: ``"none"`` unless grad is enabled."""
+        return self.checkpointing if torch.is_grad_enabled() else "none"
 
     # -- the two directions, implemented by each family ----------------------------------------
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .base import Flow, FlowConfig
 from .layers import TransformerLayer, gelu_mode, upcast
@@ -137,13 +139,18 @@ class ViTConditioner(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x1: Tensor, y: Tensor | None,
-                attn_temp: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+    def forward(self, x1: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
+                checkpoint_layers: bool = False) -> tuple[Tensor, Tensor]:
+        """``checkpoint_layers``: activation-checkpoint every Transformer layer (kept: its input;
+        recomputed in backward)."""
         h = self.proj_in(x1) + self.pos_embed
         if self.class_embed is not None:
             h = h + self.class_embed[y].unsqueeze(1)
         for layer in self.layers:
-            h = layer(h, causal=False, attn_temp=attn_temp)
+            if checkpoint_layers:
+                h = checkpoint(layer, h, False, attn_temp, use_reentrant=False)
+            else:
+                h = layer(h, causal=False, attn_temp=attn_temp)
         bias, raw = upcast(self.proj_out(self.norm(h))).chunk(2, dim=-1)
         return bias, raw
 
@@ -179,14 +186,26 @@ class Coupling(nn.Module):
             out[:, self.perm] = torch.cat(halves, dim=1)
         return out
 
-    def _params(self, x1: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        bias, raw = self.conditioner(x1, y)
-        log_scale = F.logsigmoid(raw) + self.log_factor
-        return bias, torch.sigmoid(raw) * self.scale_factor, log_scale
+    def _params(self, x1: Tensor, y: Tensor | None,
+                checkpoint_layers: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        bias, raw = self.conditioner(x1, y, checkpoint_layers=checkpoint_layers)
+        return bias, *self._scale(raw)
 
-    def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _scale(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw conditioner output -> ``(s, log s)``."""
+        return torch.sigmoid(raw) * self.scale_factor, F.logsigmoid(raw) + self.log_factor
+
+    @staticmethod
+    def _unapply(z2: Tensor, bias: Tensor, scale: Tensor) -> Tensor:
+        """The exact inverse of the affine map ``z2 = (x2 + bias) * scale``."""
+        return (z2 / scale - bias).to(z2.dtype)
+
+    def forward(self, x: Tensor, y: Tensor | None,
+                checkpoint_layers: bool = False) -> tuple[Tensor, Tensor]:
+        """Tokens ``[B, T, D]`` -> ``(tokens [B, T, D], logdet [B])``; ``checkpoint_layers``:
+        see :class:`ViTConditioner`."""
         x1, x2 = self._split(x)
-        bias, scale, log_scale = self._params(x1, y)
+        bias, scale, log_scale = self._params(x1, y, checkpoint_layers)
         x2 = ((x2 + bias) * scale).to(x.dtype)
         return self._join(x1, x2), log_scale.flatten(1).sum(1)
 
@@ -194,7 +213,7 @@ class Coupling(nn.Module):
         z1, z2 = self._split(z)
         if guidance is None:
             bias, scale, _ = self._params(z1, y)
-            return self._join(z1, (z2 / scale - bias).to(z.dtype))
+            return self._join(z1, self._unapply(z2, bias, scale))
         # guided: conditional rows [:n] and unconditional rows [n:] in one conditioner pass;
         # the combined update is written x2 = z2 * exp(a) + mu (a = -log s, mu = -bias)
         n = z.shape[0]
@@ -208,9 +227,142 @@ class Coupling(nn.Module):
         a, mu = guidance.combine_jet(bias[:n], raw[:n], bias[n:], raw[n:], self.log_factor)
         return self._join(z1, (z2 * torch.exp(a) + mu).to(z.dtype))
 
+    def rebuild(self, z: Tensor, y: Tensor | None,
+                conditioner: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]] | None
+                = None, input_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For :class:`ReversibleCouplings`' backward: rebuild this coupling's input from its
+        output ``z`` with the exact inverse (as :meth:`inverse` without guidance) and redo the
+        forward on it with autograd, sharing one conditioner pass: the conditioning half passes
+        through a coupling unchanged (``x1 == z1``), so the conditioner outputs that invert
+        ``z2`` are those of the forward.
+
+        Returns ``(x1, x2, out, logdet)``: the rebuilt input halves as leaves (requiring grad if
+        ``input_grad``; the input is ``_join(x1, x2)``) and the forward's outputs as functions
+        of them and of the parameters. ``conditioner``: this coupling's conditioner (default),
+        or a stand-in computing the same, e.g. on other parameter tensors."""
+        cond = self.conditioner if conditioner is None else conditioner
+        z1, z2 = self._split(z)
+        x1 = z1.detach().requires_grad_(input_grad)
+        bias, raw = cond(x1, y)
+        scale, log_scale = self._scale(raw)
+        with torch.no_grad():
+            x2 = self._unapply(z2, bias, scale)
+        x2.requires_grad_(input_grad)
+        out = self._join(x1, ((x2 + bias) * scale).to(z.dtype))
+        return x1, x2, out, log_scale.flatten(1).sum(1)
+
+
+def _with_params(module: nn.Module, params: dict[str, Tensor]) -> Callable[..., Any]:
+    """``module`` as a function that uses ``params`` (``{name: tensor}``) instead of its own."""
+    return lambda *args: torch.func.functional_call(module, params, args)
+
+
+class ReversibleCouplings(torch.autograd.Function):
+    """A stack of couplings whose backward rebuilds activations from outputs instead of storing
+    them (the memory saver behind ``Jet.configure_memory(reversible=True)``).
+
+    Forward runs the couplings without autograd and keeps only the final tokens (and the labels);
+    nothing per coupling stays alive. Backward walks the couplings in reverse: it rebuilds a
+    coupling's input from its output with the exact inverse (the formula of
+    :meth:`Coupling.inverse`, no guidance), redoes that coupling's forward with grad enabled on
+    the rebuilt input and back-propagates the incoming gradients of (its output, its logdet) to
+    (its input, its parameters); the input gradient goes on to the previous coupling, and the
+    coupling's graph is freed before the next one is built. The inverse and the redone forward
+    share one conditioner pass (:meth:`Coupling.rebuild`: a coupling passes its conditioning
+    half through unchanged, so the conditioner outputs that invert it are the forward's).
+
+    Trade-off: the stack's training memory is the activations of one coupling (plus the
+    tokens), whatever the number of couplings, instead of those of all couplings; the cost is
+    one extra conditioner pass per coupling in backward (about one more forward pass in all, as
+    with checkpointing, which still keeps every coupling's input).
+
+    The rebuilt inputs differ from the true ones only by float rounding of ``z2 / s - bias``
+    (the conditioners see bit-identical inputs), hence the gradients match the plain backward up
+    to rounding. Autocast, if active in forward, is re-entered for the rebuild in backward.
+
+    Parameters reach autograd as inputs of the function (``apply(couplings, y, tokens,
+    *params)``; use :meth:`run`), so their gradients are accumulated by the usual autograd
+    machinery (optimizers, gradient hooks, DistributedDataParallel) once, in backward; the
+    inner recomputation differentiates detached aliases of them.
+    """
+
+    @staticmethod
+    def run(couplings: nn.ModuleList, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Tokens ``[B, T, D]`` -> ``(tokens, logdet [B])`` through every coupling in order.
+
+        A coupling's parameters are its conditioner's (the backward differentiates those)."""
+        params = [p for c in couplings for p in c.conditioner.parameters()]
+        if len(params) != sum(1 for _ in couplings.parameters()):
+            raise RuntimeError("reversible couplings: parameters outside the conditioners would "
+                               "get no gradient")
+        return ReversibleCouplings.apply(couplings, y, t, *params)
+
+    @staticmethod
+    def forward(ctx, couplings: nn.ModuleList, y: Tensor | None, t: Tensor,
+                *params: Tensor) -> tuple[Tensor, Tensor]:
+        dev = t.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.couplings = couplings
+        with torch.no_grad():
+            logdet = upcast(t.new_zeros(t.shape[0]))
+            for coupling in couplings:
+                t, ld = coupling(t, y)
+                logdet = logdet + ld
+        ctx.save_for_backward(t, y)
+        return t, logdet
+
+    @staticmethod
+    def backward(ctx, g_t: Tensor, g_logdet: Tensor) -> tuple[Tensor | None, ...]:
+        t, y = ctx.saved_tensors
+        dev, autocast_on, autocast_dtype = ctx.autocast
+        couplings = list(ctx.couplings)
+        offsets = [0]
+        for c in couplings:
+            offsets.append(offsets[-1] + sum(1 for _ in c.conditioner.parameters()))
+        needs = ctx.needs_input_grad  # (couplings, y, tokens, *params)
+        param_grads: list[Tensor | None] = [None] * offsets[-1]
+        g: Tensor | None = g_t
+        for i in reversed(range(len(couplings))):
+            c = couplings[i]
+            want = needs[3 + offsets[i]:3 + offsets[i + 1]]
+            # this coupling's input gradient is needed by the tokens or earlier couplings
+            need_x = needs[2] or any(needs[3:3 + offsets[i]])
+            # differentiate detached aliases of the parameters: their gradients leave through
+            # this function's outputs, so hooks on the real parameters fire only once
+            alias = {n: p.detach().requires_grad_(w)
+                     for (n, p), w in zip(c.conditioner.named_parameters(), want, strict=True)}
+            with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on), \
+                    torch.enable_grad():
+                x1, x2, z, ld = c.rebuild(t, y, _with_params(c.conditioner, alias), need_x)
+            inputs = [x1, x2] * need_x + [a for a in alias.values() if a.requires_grad]
+            grads = iter(torch.autograd.grad((z, ld), inputs, (g, g_logdet), allow_unused=True)
+                         if inputs else ())
+            if need_x:
+                g1, g2 = next(grads), next(grads)
+                g = c._join(torch.zeros_like(x1) if g1 is None else g1,
+                            torch.zeros_like(x2) if g2 is None else g2)
+            for k, w in enumerate(want):
+                if w:
+                    param_grads[offsets[i] + k] = next(grads)
+            if not need_x:
+                g = None
+                break
+            t = c._join(x1.detach(), x2.detach())
+        return None, None, g, *param_grads
+
 
 class Jet(Flow):
-    """Jet normalizing flow. ``forward``: image ``[B, C, H, W]`` -> ``(z, logdet [B])``."""
+    """Jet normalizing flow. ``forward``: image ``[B, C, H, W]`` -> ``(z, logdet [B])``.
+
+    Memory (:meth:`configure_memory`): ``checkpointing="block"`` keeps only every coupling's
+    input during a training forward and recomputes the coupling in backward; ``"layer"`` keeps
+    every conditioner Transformer layer's input instead; ``reversible=True`` keeps nothing per
+    coupling and rebuilds inputs from outputs with the exact inverse in backward
+    (:class:`ReversibleCouplings`: one extra conditioner pass per coupling, activations of only
+    one coupling alive at a time, gradients equal up to float rounding).
+    """
+
+    supports_reversible = True
 
     def __init__(self, config: JetConfig):
         super().__init__()
@@ -236,9 +388,16 @@ class Jet(Flow):
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y = self._check_input(x, y)
         t = self._tokens(x)
+        if self.reversible and torch.is_grad_enabled():
+            t, logdet = ReversibleCouplings.run(self.couplings, t, y)
+            return self._image(t), logdet
         logdet = upcast(x.new_zeros(x.shape[0]))
+        mode = self._checkpoint_mode()
         for coupling in self.couplings:
-            t, ld = coupling(t, y)
+            if mode == "block":
+                t, ld = checkpoint(coupling, t, y, use_reentrant=False)
+            else:
+                t, ld = coupling(t, y, checkpoint_layers=mode == "layer")
             logdet = logdet + ld
         return self._image(t), logdet
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import Flow, FlowConfig
 from .layers import KVCache, TransformerLayer, gelu_mode, upcast
@@ -137,12 +138,15 @@ class TarFlowBlock(nn.Module):
 
     def transformer(self, x: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
                     caches: list[KVCache] | None = None, start: int = 0, *,
-                    pos: Tensor | None = None, cls: Tensor | None = None) -> Tensor:
+                    pos: Tensor | None = None, cls: Tensor | None = None,
+                    checkpoint_layers: bool = False) -> Tensor:
         """Causal Transformer on tokens ``x [B, L, D]`` (block order, absolute positions
         ``start .. start+L-1``) -> raw outputs ``[B, L, 2D]`` (``[B, L, D]`` for VP).
 
         The samplers pass ``pos`` (:meth:`ordered_pos_embed`) and ``cls`` (class embeddings
-        ``[B, 1, W]``, used instead of ``y``) precomputed once per block."""
+        ``[B, 1, W]``, used instead of ``y``) precomputed once per block.
+        ``checkpoint_layers``: activation-checkpoint every layer (kept: its input; recomputed in
+        backward); ignored with ``caches`` (the key/value-cache sampling path)."""
         if pos is None:
             pos = self.ordered_pos_embed()
         if cls is None and self.class_embed is not None:
@@ -150,8 +154,12 @@ class TarFlowBlock(nn.Module):
         h = self.proj_in(x) + pos[start:start + x.shape[1]]
         if cls is not None:
             h = h + cls
-        for j, layer in enumerate(self.layers):
-            h = layer(h, True, attn_temp, None if caches is None else caches[j], start)
+        if checkpoint_layers and caches is None:
+            for layer in self.layers:
+                h = checkpoint(layer, h, True, attn_temp, None, start, use_reentrant=False)
+        else:
+            for j, layer in enumerate(self.layers):
+                h = layer(h, True, attn_temp, None if caches is None else caches[j], start)
         if self.norm is not None:
             h = self.norm(h)
         return self.proj_out(h)
@@ -170,10 +178,13 @@ class TarFlowBlock(nn.Module):
             a = torch.log(F.softplus(a + _SOFTPLUS_SHIFT))
         return a, mu
 
-    def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Data-side tokens ``[B, T, D]`` -> ``(latent-side tokens [B, T, D], logdet [B])``."""
+    def forward(self, x: Tensor, y: Tensor | None,
+                checkpoint_layers: bool = False) -> tuple[Tensor, Tensor]:
+        """Data-side tokens ``[B, T, D]`` -> ``(latent-side tokens [B, T, D], logdet [B])``;
+        ``checkpoint_layers``: see :meth:`transformer`."""
         x = self._order(x)
-        log_s, mu = self.affine(self.transformer(x[:, :-1], y))
+        log_s, mu = self.affine(self.transformer(x[:, :-1], y,
+                                                 checkpoint_layers=checkpoint_layers))
         rest = x[:, 1:] - mu
         if log_s is None:
             logdet = upcast(x.new_zeros(x.shape[0]))
@@ -417,7 +428,12 @@ class InverseContext:
 
 
 class TarFlow(Flow):
-    """TarFlow normalizing flow. ``forward``: image ``[B, C, H, W]`` -> ``(z, logdet [B])``."""
+    """TarFlow normalizing flow. ``forward``: image ``[B, C, H, W]`` -> ``(z, logdet [B])``.
+
+    Memory (:meth:`configure_memory`): ``checkpointing="block"`` keeps only every block's input
+    tokens during a training forward and recomputes the block in backward; ``"layer"`` keeps
+    every Transformer layer's input instead. ``reversible`` is not supported.
+    """
 
     prior_var_tokens: Tensor
 
@@ -456,8 +472,12 @@ class TarFlow(Flow):
         y = self._check_input(x, y)
         t = self.tokens(x)
         logdet = upcast(x.new_zeros(x.shape[0]))
+        mode = self._checkpoint_mode()
         for block in self.blocks:
-            t, ld = block(t, y)
+            if mode == "block":
+                t, ld = checkpoint(block, t, y, use_reentrant=False)
+            else:
+                t, ld = block(t, y, checkpoint_layers=mode == "layer")
             logdet = logdet + ld
         return self.image(t), logdet
 
