@@ -20,7 +20,7 @@ class UsageError(Exception):
 # train
 # ---------------------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .train import add_train_arguments
+    from .train_cli import add_train_arguments
 
     p = sub.add_parser("train", help="train a TarFlow or Jet model",
                        description="Train a model; writes a run directory (see README).")
@@ -29,7 +29,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import train_from_args
+    from .train_cli import train_from_args
 
     train_from_args(args)
     return 0

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distributed import SINGLE, DistInfo, all_reduce_sum
 from .flows import Flow
 from .likelihood import bits_per_dim, dequantize_uniform
 
@@ -31,9 +32,14 @@ ESTIMATORS = ("mean", "iw")
 @torch.no_grad()
 def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
                   dequant_samples: int = 1, estimator: str = "mean", batch_size: int = 256,
-                  seed: int = 1234, progress: bool = False) -> Tensor:
+                  seed: int = 1234, progress: bool = False, dist: DistInfo = SINGLE) -> Tensor:
     """Bits/dim of every image in ``x_levels [N, C, H, W]`` (integer levels of the model's
-    ``num_levels``); returns float64 ``[N]``. Noise comes from a generator seeded by ``seed``."""
+    ``num_levels``); returns float64 ``[N]``. The noise of batch ``j`` comes from a generator
+    seeded by ``(seed, j)``.
+
+    Under ``torchrun`` (``dist`` with several processes) rank ``r`` scores batches
+    ``r, r + world, ...`` and gets NaN for the others; every rank runs the same number of
+    forward passes (sharded models need that)."""
     from tqdm.auto import tqdm
 
     if estimator not in ESTIMATORS:
@@ -49,10 +55,14 @@ def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
         raise ValueError(f"image levels go up to {int(x_levels.max())} but the model was trained "
                          f"on {cfg.num_levels} levels")
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    steps = range(0, len(x_levels), batch_size)
-    for i in tqdm(steps, disable=not progress, desc="bits/dim", leave=False):
+    out = torch.full((len(x_levels),), math.nan, dtype=torch.float64)
+    starts = list(range(0, len(x_levels), batch_size))
+    rounds = -(-len(starts) // dist.world)  # batches per rank, rounded up
+    for r in tqdm(range(rounds), disable=not progress, desc="bits/dim", leave=False):
+        j = r * dist.world + dist.rank
+        own = j < len(starts)
+        i = starts[j] if own else 0  # a rank without a batch left repeats the first one
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + (j if own else 0))
         k = x_levels[i:i + batch_size].to(device)
         yy = None if (y is None or not cfg.num_classes) else y[i:i + batch_size].to(device)
         lp = torch.stack([model.log_prob(dequantize_uniform(k, cfg.num_levels, generator=g),
@@ -61,22 +71,36 @@ def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
             lp = torch.logsumexp(lp, 0) - math.log(dequant_samples)
         else:
             lp = lp.mean(0)
-        out.append(bits_per_dim(lp, cfg.dims, cfg.num_levels).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        if own:
+            out[i:i + len(k)] = bits_per_dim(lp, cfg.dims, cfg.num_levels).cpu()
+    return out
 
 
 def evaluate_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
                  dequant_samples: int = 1, estimator: str = "mean", limit: int = 0,
-                 batch_size: int = 256, seed: int = 1234, progress: bool = False
-                 ) -> dict[str, float]:
+                 batch_size: int = 256, seed: int = 1234, progress: bool = False,
+                 dist: DistInfo = SINGLE) -> dict[str, float]:
     """Mean bits/dim over ``x_levels`` (or its first ``limit`` images) with its standard error:
-    ``{"bpd", "se", "images", "dequant_samples", "estimator"}``."""
+    ``{"bpd", "se", "images", "dequant_samples", "estimator"}``. With ``dist`` the batches are
+    shared out among the ranks and the sums reduced: every rank gets the same (and the
+    single-process) result."""
     if limit:
         x_levels, y = x_levels[:limit], None if y is None else y[:limit]
     if len(x_levels) == 0:
         raise ValueError("no images to evaluate")
     v = per_image_bpd(model, x_levels, y, dequant_samples=dequant_samples, estimator=estimator,
-                      batch_size=batch_size, seed=seed, progress=progress)
+                      batch_size=batch_size, seed=seed, progress=progress, dist=dist)
+    if dist.enabled:
+        mine = v[~torch.isnan(v)]
+        device = next(model.parameters()).device
+        sums = all_reduce_sum(torch.stack([mine.sum(), mine.pow(2).sum(),
+                                           torch.tensor(float(len(mine)), dtype=torch.float64)
+                                           ]).to(device)).cpu()
+        n, mean = int(sums[2]), float(sums[0] / sums[2])
+        var = max(float(sums[1]) - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")
+        se = math.sqrt(var / n) if n > 1 else float("nan")
+        return {"bpd": mean, "se": se, "images": n,
+                "dequant_samples": dequant_samples, "estimator": estimator}
     se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
     return {"bpd": float(v.mean()), "se": se, "images": len(v),
             "dequant_samples": dequant_samples, "estimator": estimator}

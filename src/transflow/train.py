@@ -9,6 +9,10 @@ Determinism: batch ``s`` is a pure function of ``(seed, s)`` — the data order 
 permutation seeded by ``(seed, epoch)`` and the step's noise, flips and label drops come from a
 generator seeded by ``(seed, step)`` — so a resumed run sees exactly the batches it would have seen.
 
+Started by ``torchrun`` with N processes, each rank keeps its slice of the same global batch
+(DDP or FSDP2, see :mod:`transflow.distributed`): N processes train as one; rank 0 writes.
+Memory savers (``checkpointing``, Jet's ``reversible``) are set with ``Flow.configure_memory``.
+
 Run directory::
 
     RUN/config.json          resolved model, training and data configs
@@ -20,7 +24,6 @@ Run directory::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
@@ -38,12 +41,12 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .data import ImageData, load_data
+from . import distributed as dist_
+from .data import ImageData
 from .evaluate import evaluate_bpd
-from .flows import FAMILIES, Flow, FlowConfig, JetConfig, TarFlow, TarFlowConfig, build
+from .flows import Flow, FlowConfig, TarFlow, build
 from .images import grid, levels_to_pixels, save_png
 from .likelihood import bits_per_dim, dequantize_gaussian, dequantize_uniform, unit_to_levels
-from .presets import PRESETS, get_config
 
 CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = "checkpoint.prev.pt"
@@ -77,6 +80,9 @@ class TrainConfig:
     time_limit: float = 0.0  # minutes; > 0 fits `steps` to the budget from the measured speed
     prior_momentum: float = 0.1
     tensorboard: bool = False
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
+    checkpointing: str = "none"  # activation checkpointing: "none", "block" or "layer"
+    reversible: bool = False  # Jet: recompute activations from outputs in the backward
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "sample_every",
@@ -96,6 +102,14 @@ class TrainConfig:
             raise ValueError(f"dequant must be 'uniform' or 'gaussian', got {self.dequant!r}")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', got {self.amp!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.checkpointing not in ("none", "block", "layer"):
+            raise ValueError("checkpointing must be 'none', 'block' or 'layer', got "
+                             f"{self.checkpointing!r}")
+        if self.reversible and self.checkpointing != "none":
+            raise ValueError("--reversible already stores no activations per coupling; use it "
+                             "without --checkpointing")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -317,13 +331,26 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    device = _device(cfg.device)
+    world = dist_.from_env().world
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible "
+                         f"by the {world} processes")
+    info, device = dist_.setup(_device(cfg.device))
     torch.manual_seed(cfg.seed)
     model = build(model_config).to(device)
+    model.configure_memory(cfg.checkpointing, cfg.reversible)
     ckpt = load_checkpoint(run_dir) if resume else None
     if init_from and not ckpt:
         _init_from(model, init_from)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if ckpt:
+        ema.load_state_dict(ckpt["ema"])
+    sharded = info.enabled and cfg.parallel == "fsdp"
+    net = dist_.wrap(model, info, cfg.parallel, device)  # what the training forward runs
+    if sharded:
+        dist_.shard(ema)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
@@ -333,37 +360,60 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     step, bad_total, elapsed_before = 0, 0, 0.0
     window = {"bpd": 0.0, "n": 0, "imgs": 0}  # running sums since the last log line
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        dist_.load_optimizer_state(opt, ckpt["optimizer"])
         step, bad_total = int(ckpt["step"]), int(ckpt.get("bad_steps", 0))
         elapsed_before = float(ckpt.get("elapsed", 0.0))
         window = dict(ckpt.get("log_window", window))
-    _check_writable(run_dir)
+    if info.main:
+        check_writable(run_dir)
     resolved = {"model": model_config.to_dict(), "train": dataclasses.asdict(cfg),
                 "data": {"spec": data_spec or data.name, "name": data.name,
                          "train_images": len(data.x_train), "test_images": len(data.x_test)},
                 "transflow_version": __version__}
-    _write_json(run_dir / "config.json", resolved)
+    if info.enabled:
+        resolved["processes"] = info.world
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    if info.main:
+        _write_json(run_dir / "config.json", resolved)
+        _truncate_metrics(metrics_path, step)
 
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = torch.compile(net) if cfg.compile else net
     x_train = data.x_train.pin_memory() if device.type == "cuda" else data.x_train
     y_train = data.y_train
-    writer = _tensorboard(run_dir) if cfg.tensorboard else None
+    writer = _tensorboard(run_dir) if (cfg.tensorboard and info.main) else None
 
     def save(step_done: int, elapsed: float) -> None:
-        _atomic_torch_save({"format": 1, "step": step_done, "model": model.state_dict(),
-                            "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                            "model_config": model_config.to_dict(),
-                            "train_config": dataclasses.asdict(cfg), "data_spec": data_spec,
-                            "bad_steps": bad_total, "elapsed": elapsed, "log_window": window},
-                           run_dir / CHECKPOINT, step_done)
+        # gathering sharded tensors is collective: every rank gets here, rank 0 writes
+        state = {"format": 1, "step": step_done, "model": dist_.full_state_dict(model),
+                 "ema": dist_.full_state_dict(ema), "optimizer": dist_.full_optimizer_state(opt),
+                 "model_config": model_config.to_dict(),
+                 "train_config": dataclasses.asdict(cfg), "data_spec": data_spec,
+                 "bad_steps": bad_total, "elapsed": elapsed, "log_window": window}
+        if info.main:
+            _atomic_torch_save(state, run_dir / CHECKPOINT, step_done)
+        dist_.barrier()
+
+    def plain_ema() -> Flow | None:
+        """The EMA model as an ordinary module on rank 0 (gathered when sharded), else None."""
+        if not sharded:
+            return ema if info.main else None
+        sd = dist_.full_state_dict(ema)
+        if not info.main:
+            return None
+        m = build(model_config).to(device).eval()
+        m.load_state_dict(sd)
+        return m
+
+    def samples(name: str) -> None:
+        m = plain_ema()
+        if m is not None:
+            _try_sample_grid(m, run_dir / "samples" / name, cfg.seed)
 
     def log(record: dict[str, Any]) -> None:
+        if not info.main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None:
@@ -373,7 +423,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
 
     t0 = time.perf_counter()
     start_step = step
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step",
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and info.main), unit="step",
                dynamic_ncols=True, mininterval=0.5)
     window_t, consecutive_bad = time.perf_counter(), 0
     model.train()
@@ -381,21 +431,36 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     with _StopRequest() as stop:
         try:
             while step < cfg.steps:
-                if stop.requested:
+                if stop.requested and not info.enabled:  # ranks agree via the step's reduction
                     interrupted = "SIGTERM"
                     break
                 lr = learning_rate(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 x, y = make_batch(x_train, y_train, step, cfg, model_config, device)
+                x = dist_.shard_rows(x, info)  # this rank's slice of the global batch
+                y = None if y is None else dist_.shard_rows(y, info)
                 with autocast:
                     z, logdet = fwd(x, y)
                 log_p = model.prior_log_prob(z) + logdet
-                loss = -log_p.mean() / model_config.dims  # nats per dimension
+                loss = -log_p.mean() / model_config.dims  # nats per dimension (this rank)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+                # one reduction per step: global loss and bits/dim sums, and the stop flags
+                # (SIGTERM on any rank; rank 0's clock for --time-limit) so all ranks agree
+                out_of_time = bool(info.main and cfg.time_limit and step + 1 > start_step + 30
+                                   and elapsed_before + time.perf_counter() - t0
+                                   > cfg.time_limit * 60)
+                red = dist_.all_reduce_sum(torch.stack([
+                    loss.detach().double() * len(x),
+                    bits_per_dim(log_p.detach().double(), model_config.dims,
+                                 model_config.num_levels).sum(),
+                    torch.tensor(float(stop.requested), dtype=torch.float64, device=device),
+                    torch.tensor(float(out_of_time), dtype=torch.float64, device=device)]))
+                loss_all = red[0] / cfg.batch_size
+                if not (torch.isfinite(loss_all) and torch.isfinite(gnorm)):
                     bad_total += 1
                     consecutive_bad += 1
                     log({"step": step + 1, "skipped": "non-finite loss or gradient",
@@ -412,7 +477,11 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                 opt.step()
                 _fault("step", step + 1)
                 if isinstance(model, TarFlow) and not model_config.nvp:
-                    model.update_prior(z, cfg.prior_momentum)
+                    if info.enabled:  # the global batch's mean of z^2
+                        z2 = dist_.all_reduce_sum(model.tokens(z.detach().float()).pow(2).sum(0))
+                        model.prior_var_tokens.lerp_(z2 / cfg.batch_size, cfg.prior_momentum)
+                    else:
+                        model.update_prior(z, cfg.prior_momentum)
                 d = min(cfg.ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
@@ -424,21 +493,21 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                         step == start_step + 30 or step % cfg.log_every == 0):
                     fitted = _fit_steps_to_budget(cfg, step - start_step, step, elapsed_before,
                                                   time.perf_counter() - t0)
+                    fitted = dist_.broadcast_object(fitted, info)  # rank 0's clock decides
                     if abs(fitted.steps - cfg.steps) > 0.02 * cfg.steps:
                         cfg = fitted
                         resolved["train"] = dataclasses.asdict(cfg)
-                        _write_json(run_dir / "config.json", resolved)
+                        if info.main:
+                            _write_json(run_dir / "config.json", resolved)
                         bar.total = cfg.steps
-                if cfg.time_limit and step > start_step + 30 and (
-                        elapsed_before + time.perf_counter() - t0 > cfg.time_limit * 60):
+                if red[3] > 0:
                     cfg = dataclasses.replace(cfg, steps=step)  # out of time: finish here
                     resolved["train"] = dataclasses.asdict(cfg)
-                    _write_json(run_dir / "config.json", resolved)
-                bpd_batch = float(bits_per_dim(log_p.detach().double(), model_config.dims,
-                                               model_config.num_levels).mean())
-                window["bpd"] += bpd_batch
+                    if info.main:
+                        _write_json(run_dir / "config.json", resolved)
+                window["bpd"] += float(red[1]) / cfg.batch_size
                 window["n"] += 1
-                window["imgs"] += len(x)
+                window["imgs"] += cfg.batch_size
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.eval_every == 0:
                     now = time.perf_counter()
@@ -447,21 +516,25 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                            "grad_norm": gnorm.item()}
                     if step % cfg.eval_every == 0 and step != cfg.steps:
                         ema.eval()
-                        ev = evaluate_bpd(ema, data.x_test, data.y_test, limit=cfg.eval_images)
+                        ev = evaluate_bpd(ema, data.x_test, data.y_test, limit=cfg.eval_images,
+                                          dist=info)
                         rec |= {"test_bpd": ev["bpd"], "test_se": ev["se"],
                                 "test_images": ev["images"]}
                     rec["time"] = elapsed_before + now - t0
                     log(rec)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", bpd=f"{rec['train_bpd']:.3f}",
+                    bar.set_postfix(loss=f"{loss_all.item():.4f}", bpd=f"{rec['train_bpd']:.3f}",
                                     img_s=f"{rec['img_per_sec']:.0f}",
                                     **({"test": f"{rec['test_bpd']:.3f}"} if "test_bpd" in rec
                                        else {}))
                     window = {"bpd": 0.0, "n": 0, "imgs": 0}
                     window_t = time.perf_counter()
                 if step % cfg.sample_every == 0 and step != cfg.steps:
-                    _try_sample_grid(ema, run_dir / "samples" / f"step_{step:07d}.png", cfg.seed)
+                    samples(f"step_{step:07d}.png")
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     save(step, elapsed_before + time.perf_counter() - t0)
+                if red[2] > 0 and step < cfg.steps:
+                    interrupted = "SIGTERM"
+                    break
         except KeyboardInterrupt:
             interrupted = "Ctrl-C"
         finally:
@@ -469,18 +542,23 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     elapsed = elapsed_before + time.perf_counter() - t0
     if interrupted:
         save(step, elapsed)
-        print(f"\n{interrupted}: saved a checkpoint at step {step} in {run_dir}; continue with "
-              f"`transflow train --resume {run_dir}`", file=sys.stderr)
+        if info.main:
+            print(f"\n{interrupted}: saved a checkpoint at step {step} in {run_dir}; continue with "
+                  f"`transflow train --resume {run_dir}`", file=sys.stderr)
         raise SystemExit(130 if interrupted == "Ctrl-C" else 143)
 
     # final: full test split, sample grid, the EMA model in the pretrained layout
     from .checkpoints import save_pretrained
 
-    ev = evaluate_bpd(ema, data.x_test, data.y_test, progress=progress)
+    ev = evaluate_bpd(ema, data.x_test, data.y_test, progress=progress and info.main, dist=info)
     log({"step": step, "test_bpd": ev["bpd"], "test_se": ev["se"], "test_images": ev["images"],
          "final": True, "time": elapsed})
-    _try_sample_grid(ema, run_dir / "samples" / "final.png", cfg.seed)
-    save_pretrained(model, run_dir / "model", ema_state_dict=ema.state_dict())
+    final = plain_ema()
+    if final is not None:
+        _try_sample_grid(final, run_dir / "samples" / "final.png", cfg.seed)
+        save_pretrained(final if sharded else model, run_dir / "model",
+                        ema_state_dict=final.state_dict())
+    dist_.barrier()
     if writer is not None:
         writer.close()
     summary = {"run_dir": str(run_dir), "steps": step, "test_bpd": ev["bpd"], "test_se": ev["se"],
@@ -529,7 +607,7 @@ def _init_from(model: Flow, source: str) -> None:
     model.load_state_dict(theirs)
 
 
-def _check_writable(run_dir: Path) -> None:
+def check_writable(run_dir: Path) -> None:
     probe = run_dir / ".write_test"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -567,167 +645,3 @@ def _tensorboard(run_dir: Path):
         raise ValueError("--tensorboard needs the optional extra: pip install "
                          "'transflow[tensorboard]'") from e
     return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-def _model_fields() -> dict[str, dataclasses.Field]:
-    fields: dict[str, dataclasses.Field] = {}
-    for cfg_cls, _ in FAMILIES.values():
-        for f in dataclasses.fields(cfg_cls):
-            fields.setdefault(f.name, f)
-    return fields
-
-
-_LIST_FIELDS = {"layers", "kinds", "spatial_masks"}
-
-
-def _parse_field(name: str, text: str, example: Any) -> Any:
-    if name == "layers":
-        vals = [int(v) for v in text.split(",")]
-        return vals[0] if len(vals) == 1 else vals
-    if name in _LIST_FIELDS:
-        return [v.strip() for v in text.split(",") if v.strip()]
-    if isinstance(example, bool):
-        raise AssertionError  # handled by BooleanOptionalAction
-    if isinstance(example, int):
-        return int(text)
-    if isinstance(example, float):
-        return float(text)
-    return text
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``transflow train`` flags: data, preset, run directory, training and model options."""
-    p.add_argument("--model", choices=sorted(FAMILIES), default=None,
-                   help="model family (default: tarflow, or the preset's)")
-    p.add_argument("--preset", default=None,
-                   help=f"named config: {', '.join(sorted(PRESETS))} (default: <model>-digits "
-                        "for the digits data, else <model>-small)")
-    p.add_argument("--data", default="digits",
-                   help="'digits' (built in), a .npz file, an image folder, or hf:NAME")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue a run from its checkpoint (other flags: --steps may extend it)")
-    p.add_argument("--init-from", metavar="MODEL_OR_RUN", default=None,
-                   help="start from pretrained weights (fresh optimizer and schedule)")
-    p.add_argument("--strict", action="store_true",
-                   help="stop on unreadable files in an image folder instead of skipping them")
-    p.add_argument("--unconditional", action="store_true",
-                   help="ignore the data's labels (train an unconditional model)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tg = p.add_argument_group("training options")
-    example = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        v = getattr(example, f.name)
-        if isinstance(v, bool):
-            tg.add_argument(flag, dest=f"train_{f.name}", action=argparse.BooleanOptionalAction,
-                            default=None)
-        else:
-            tg.add_argument(flag, dest=f"train_{f.name}", type=type(v), default=None,
-                            metavar=type(v).__name__.upper(), help=f"(default {v})")
-    mg = p.add_argument_group("model options (override the preset)")
-    examples = {**dataclasses.asdict(JetConfig()), **dataclasses.asdict(TarFlowConfig())}
-    for name in _model_fields():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(examples[name], bool):
-            mg.add_argument(flag, dest=f"model_{name}", action=argparse.BooleanOptionalAction,
-                            default=None)
-        else:
-            mg.add_argument(flag, dest=f"model_{name}", default=None, metavar="V",
-                            help="comma-separated list" if name in _LIST_FIELDS else None)
-
-
-def resolve_configs(args: argparse.Namespace, data: ImageData
-                    ) -> tuple[FlowConfig, TrainConfig]:
-    """Preset + data properties + explicit flags -> (model config, training config)."""
-    family = args.model
-    preset = args.preset
-    if preset is None:
-        family = family or "tarflow"
-        preset = f"{family}-digits" if data.name == "digits" else f"{family}-small"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
-    preset_family = PRESETS[preset]["model"]
-    if family and family != preset_family:
-        raise ValueError(f"preset {preset!r} is a {preset_family} config, not {family}")
-    family = preset_family
-    cfg_cls = FAMILIES[family][0]
-    own = {f.name for f in dataclasses.fields(cfg_cls)}
-    overrides: dict[str, Any] = {"image_size": data.image_size, "channels": data.channels,
-                                 "num_levels": data.num_levels,
-                                 "num_classes": 0 if args.unconditional else data.num_classes}
-    examples = {**dataclasses.asdict(JetConfig()), **dataclasses.asdict(TarFlowConfig())}
-    for name in _model_fields():
-        val = getattr(args, f"model_{name}")
-        if val is None:
-            continue
-        if name not in own:
-            raise ValueError(f"--{name.replace('_', '-')} is not a {family} option")
-        if not isinstance(val, bool):
-            try:
-                val = _parse_field(name, val, examples[name])
-            except ValueError as e:
-                raise ValueError(f"--{name.replace('_', '-')}: cannot parse {val!r}") from e
-        overrides[name] = val
-    if overrides["image_size"] != data.image_size:
-        raise ValueError(f"--image-size {overrides['image_size']} differs from the data's "
-                         f"{data.image_size}; resize image folders with --image-size at load")
-    model_cfg = get_config(preset, **overrides)
-    train_kw = dict(PRESETS[preset].get("train", {}))
-    for f in dataclasses.fields(TrainConfig):
-        val = getattr(args, f"train_{f.name}")
-        if val is not None:
-            train_kw[f.name] = val
-    return model_cfg, TrainConfig.from_dict(train_kw)
-
-
-def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``transflow train``: resolve the configs, train, print the summary paragraph."""
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.exists():
-            raise ValueError(f"--resume {run_dir}: no config.json there (not a run directory)")
-        saved = json.loads(cfg_path.read_text())
-        from .flows import config_from_dict
-
-        model_cfg = config_from_dict(saved["model"])
-        train_kw = saved["train"]
-        if args.train_steps is not None:
-            train_kw["steps"] = args.train_steps
-        cfg = TrainConfig.from_dict(train_kw)
-        spec = saved["data"]["spec"]
-        data = load_data(spec, image_size=model_cfg.image_size, strict=args.strict)
-    else:
-        image_size = int(args.model_image_size) if args.model_image_size else None
-        data = load_data(args.data, image_size=image_size,
-                         channels=int(args.model_channels) if args.model_channels else None,
-                         strict=args.strict)
-        model_cfg, cfg = resolve_configs(args, data)
-        spec = args.data
-        run_dir = Path(args.out or f"runs/{model_cfg.family}-{Path(data.name).name}")
-        if (run_dir / CHECKPOINT).exists() or (run_dir / "model").exists():
-            raise ValueError(f"run directory {run_dir} already holds a run; use --resume "
-                             f"{run_dir} to continue it or --out to start a new one")
-    progress = not args.no_progress
-    _check_writable(run_dir)
-    print(f"transflow train: {model_cfg.family} on {data.describe()}", file=sys.stderr)
-    summary = train(model_cfg, data, cfg, run_dir, data_spec=spec, resume=bool(args.resume),
-                    init_from=args.init_from, progress=progress)
-    print(_summary_text(summary, model_cfg))
-    return summary
-
-
-def _summary_text(s: dict[str, Any], cfg: FlowConfig) -> str:
-    mins = s["seconds"] / 60
-    skipped = (f" {s['skipped_steps']} step(s) were skipped for non-finite values."
-               if s["skipped_steps"] else "")
-    return (f"Trained a {s['parameters'] / 1e6:.2f}M-parameter {cfg.family} for {s['steps']} "
-            f"steps in {mins:.1f} min: test bits/dim {s['test_bpd']:.4f} ± {s['test_se']:.4f} "
-            f"(EMA weights, {s['test_images']} test images, {cfg.num_levels} levels, uniform "
-            f"dequantization).{skipped} Files are in {s['run_dir']}: config.json, metrics.jsonl, "
-            f"samples/final.png, the model in model/ (load it with transflow.load) and "
-            f"checkpoint.pt (continue with --resume).")

@@ -1,0 +1,188 @@
+"""``transflow train`` on the command line: its flags, preset and override resolution, and the
+summary it prints. The training itself is :func:`transflow.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import distributed as dist_
+from .data import ImageData, load_data
+from .flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig
+from .presets import PRESETS, get_config
+from .train import CHECKPOINT, TrainConfig, check_writable, train
+
+
+def _model_fields() -> dict[str, dataclasses.Field]:
+    fields: dict[str, dataclasses.Field] = {}
+    for cfg_cls, _ in FAMILIES.values():
+        for f in dataclasses.fields(cfg_cls):
+            fields.setdefault(f.name, f)
+    return fields
+
+
+_LIST_FIELDS = {"layers", "kinds", "spatial_masks"}
+
+
+def _parse_field(name: str, text: str, example: Any) -> Any:
+    if name == "layers":
+        vals = [int(v) for v in text.split(",")]
+        return vals[0] if len(vals) == 1 else vals
+    if name in _LIST_FIELDS:
+        return [v.strip() for v in text.split(",") if v.strip()]
+    if isinstance(example, bool):
+        raise AssertionError  # handled by BooleanOptionalAction
+    if isinstance(example, int):
+        return int(text)
+    if isinstance(example, float):
+        return float(text)
+    return text
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``transflow train`` flags: data, preset, run directory, training and model options."""
+    p.add_argument("--model", choices=sorted(FAMILIES), default=None,
+                   help="model family (default: tarflow, or the preset's)")
+    p.add_argument("--preset", default=None,
+                   help=f"named config: {', '.join(sorted(PRESETS))} (default: <model>-digits "
+                        "for the digits data, else <model>-small)")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (built in), a .npz file, an image folder, or hf:NAME")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a run from its checkpoint (--steps may extend it; --device, "
+                        "--amp, --compile, --parallel, --checkpointing, --reversible may change)")
+    p.add_argument("--init-from", metavar="MODEL_OR_RUN", default=None,
+                   help="start from pretrained weights (fresh optimizer and schedule)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop on unreadable files in an image folder instead of skipping them")
+    p.add_argument("--unconditional", action="store_true",
+                   help="ignore the data's labels (train an unconditional model)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tg = p.add_argument_group("training options")
+    example = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        v = getattr(example, f.name)
+        if isinstance(v, bool):
+            tg.add_argument(flag, dest=f"train_{f.name}", action=argparse.BooleanOptionalAction,
+                            default=None)
+        else:
+            tg.add_argument(flag, dest=f"train_{f.name}", type=type(v), default=None,
+                            metavar=type(v).__name__.upper(), help=f"(default {v})")
+    mg = p.add_argument_group("model options (override the preset)")
+    examples = {**dataclasses.asdict(JetConfig()), **dataclasses.asdict(TarFlowConfig())}
+    for name in _model_fields():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(examples[name], bool):
+            mg.add_argument(flag, dest=f"model_{name}", action=argparse.BooleanOptionalAction,
+                            default=None)
+        else:
+            mg.add_argument(flag, dest=f"model_{name}", default=None, metavar="V",
+                            help="comma-separated list" if name in _LIST_FIELDS else None)
+
+
+def resolve_configs(args: argparse.Namespace, data: ImageData
+                    ) -> tuple[FlowConfig, TrainConfig]:
+    """Preset + data properties + explicit flags -> (model config, training config)."""
+    family = args.model
+    preset = args.preset
+    if preset is None:
+        family = family or "tarflow"
+        preset = f"{family}-digits" if data.name == "digits" else f"{family}-small"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+    preset_family = PRESETS[preset]["model"]
+    if family and family != preset_family:
+        raise ValueError(f"preset {preset!r} is a {preset_family} config, not {family}")
+    family = preset_family
+    cfg_cls = FAMILIES[family][0]
+    own = {f.name for f in dataclasses.fields(cfg_cls)}
+    overrides: dict[str, Any] = {"image_size": data.image_size, "channels": data.channels,
+                                 "num_levels": data.num_levels,
+                                 "num_classes": 0 if args.unconditional else data.num_classes}
+    examples = {**dataclasses.asdict(JetConfig()), **dataclasses.asdict(TarFlowConfig())}
+    for name in _model_fields():
+        val = getattr(args, f"model_{name}")
+        if val is None:
+            continue
+        if name not in own:
+            raise ValueError(f"--{name.replace('_', '-')} is not a {family} option")
+        if not isinstance(val, bool):
+            try:
+                val = _parse_field(name, val, examples[name])
+            except ValueError as e:
+                raise ValueError(f"--{name.replace('_', '-')}: cannot parse {val!r}") from e
+        overrides[name] = val
+    if overrides["image_size"] != data.image_size:
+        raise ValueError(f"--image-size {overrides['image_size']} differs from the data's "
+                         f"{data.image_size}; resize image folders with --image-size at load")
+    model_cfg = get_config(preset, **overrides)
+    train_kw = dict(PRESETS[preset].get("train", {}))
+    for f in dataclasses.fields(TrainConfig):
+        val = getattr(args, f"train_{f.name}")
+        if val is not None:
+            train_kw[f.name] = val
+    return model_cfg, TrainConfig.from_dict(train_kw)
+
+
+_RESUME_OVERRIDES = ("steps", "device", "amp", "compile", "parallel", "checkpointing",
+                     "reversible", "tensorboard")
+
+
+def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``transflow train``: resolve the configs, train, print the summary paragraph."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.exists():
+            raise ValueError(f"--resume {run_dir}: no config.json there (not a run directory)")
+        saved = json.loads(cfg_path.read_text())
+        from .flows import config_from_dict
+
+        model_cfg = config_from_dict(saved["model"])
+        train_kw = saved["train"]
+        for name in _RESUME_OVERRIDES:  # how to run may change on resume, not what is trained
+            if getattr(args, f"train_{name}") is not None:
+                train_kw[name] = getattr(args, f"train_{name}")
+        cfg = TrainConfig.from_dict(train_kw)
+        spec = saved["data"]["spec"]
+        data = load_data(spec, image_size=model_cfg.image_size, strict=args.strict)
+    else:
+        image_size = int(args.model_image_size) if args.model_image_size else None
+        data = load_data(args.data, image_size=image_size,
+                         channels=int(args.model_channels) if args.model_channels else None,
+                         strict=args.strict)
+        model_cfg, cfg = resolve_configs(args, data)
+        spec = args.data
+        run_dir = Path(args.out or f"runs/{model_cfg.family}-{Path(data.name).name}")
+        if (run_dir / CHECKPOINT).exists() or (run_dir / "model").exists():
+            raise ValueError(f"run directory {run_dir} already holds a run; use --resume "
+                             f"{run_dir} to continue it or --out to start a new one")
+    progress = not args.no_progress
+    main_rank = dist_.from_env().main  # under torchrun only rank 0 talks
+    if main_rank:
+        check_writable(run_dir)
+        print(f"transflow train: {model_cfg.family} on {data.describe()}", file=sys.stderr)
+    summary = train(model_cfg, data, cfg, run_dir, data_spec=spec, resume=bool(args.resume),
+                    init_from=args.init_from, progress=progress)
+    if main_rank:
+        print(_summary_text(summary, model_cfg))
+    dist_.teardown()
+    return summary
+
+
+def _summary_text(s: dict[str, Any], cfg: FlowConfig) -> str:
+    mins = s["seconds"] / 60
+    skipped = (f" {s['skipped_steps']} step(s) were skipped for non-finite values."
+               if s["skipped_steps"] else "")
+    return (f"Trained a {s['parameters'] / 1e6:.2f}M-parameter {cfg.family} for {s['steps']} "
+            f"steps in {mins:.1f} min: test bits/dim {s['test_bpd']:.4f} ± {s['test_se']:.4f} "
+            f"(EMA weights, {s['test_images']} test images, {cfg.num_levels} levels, uniform "
+            f"dequantization).{skipped} Files are in {s['run_dir']}: config.json, metrics.jsonl, "
+            f"samples/final.png, the model in model/ (load it with transflow.load) and "
+            f"checkpoint.pt (continue with --resume).")

@@ -1,0 +1,133 @@
+"""Data-parallel training under torchrun on CPU (Gloo): 2 processes give the single-process
+run (same global batch), write one run directory, and resume in any number of processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import transflow
+from transflow import distributed as D
+from transflow.cli import main
+
+ARGS = ["--steps", "6", "--batch-size", "32", "--log-every", "2", "--eval-every", "4",
+        "--eval-images", "100", "--sample-every", "4", "--checkpoint-every", "3", "--no-progress"]
+TARFLOW = ["--width", "32", "--blocks", "2", "--layers", "1", "--head-dim", "16"]
+JET = ["--model", "jet", "--width", "32", "--couplings", "3", "--block-depth", "1"]
+
+
+def torchrun(*args: str, procs: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={procs}", "-m", "transflow", "train", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def one_process(*args: str) -> None:
+    assert main(["train", *args]) in (0, None)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_state(a: Path, b: Path, tol: float = 1e-6) -> None:
+    ca = torch.load(a / "checkpoint.pt", weights_only=True)
+    cb = torch.load(b / "checkpoint.pt", weights_only=True)
+    assert ca["step"] == cb["step"]
+    for part in ("model", "ema"):
+        assert ca[part].keys() == cb[part].keys()
+        for k in ca[part]:
+            torch.testing.assert_close(ca[part][k], cb[part][k], atol=tol, rtol=0, msg=k)
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa[i][k], sb[i][k], atol=tol, rtol=1e-4)
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]  # one writer: no duplicate lines
+    for x, y in zip(ma, mb, strict=True):
+        for key in ("train_bpd", "test_bpd"):
+            if key in x:
+                assert abs(x[key] - y[key]) < 1e-6, (key, x, y)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_and_resume_in_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process("--out", str(one), *TARFLOW, *ARGS)
+    r = torchrun("--out", str(two), *TARFLOW, *ARGS)
+    assert r.stdout.count("Trained a") == 1  # rank 0 alone reports
+    assert_same_state(one, two)
+    assert_same_metrics(one, two)  # incl. the final test bits/dim, evaluated on 2 ranks
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert json.loads((two / "config.json").read_text())["processes"] == 2
+    # a 2-process checkpoint resumes in 1 process and continues the same run
+    one_process("--resume", str(one), "--steps", "9")
+    one_process("--resume", str(two), "--steps", "9")
+    assert_same_state(one, two)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_train_jet_and_load_in_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    one_process("--out", str(one), *JET, *ARGS)
+    torchrun("--out", str(two), "--parallel", "fsdp", *JET, *ARGS)
+    assert_same_state(one, two, tol=1e-5)  # gathered full tensors, single-process layout
+    assert_same_metrics(one, two)
+    model = transflow.load(two / "model")
+    ref = transflow.load(one / "model")
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    y = torch.arange(4)
+    torch.testing.assert_close(model.log_prob(x, y), ref.log_prob(x, y), atol=1e-4, rtol=0)
+    one_process("--resume", str(two), "--steps", "8")  # and training goes on in 1 process
+    assert torch.load(two / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_a_single_process_checkpoint(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process("--out", str(one), *TARFLOW, *ARGS)
+    one_process("--out", str(two), *TARFLOW, *ARGS, "--steps", "3")
+    torchrun("--resume", str(two), "--parallel", "fsdp", "--steps", "6")
+    assert_same_state(one, two, tol=1e-5)
+
+
+def test_global_batch_must_split_evenly(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code = main(["train", "--out", str(tmp_path / "r"), *TARFLOW, "--batch-size", "33",
+                 "--steps", "1", "--no-progress"])
+    assert code == 2
+    assert "divisible by the 2 processes" in capsys.readouterr().err
+
+
+def test_torchrun_environment_is_read_and_checked(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.from_env() == D.SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = D.from_env()
+    assert (info.rank, info.world, info.local_rank, info.main) == (3, 4, 1, False)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="RANK=4"):
+        D.from_env()
+
+
+def test_shards_of_a_global_batch_partition_it():
+    x = torch.arange(12)
+    parts = [D.shard_rows(x, D.DistInfo(r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat(parts), x)
+    assert D.shard_rows(x, D.SINGLE) is x
