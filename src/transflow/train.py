@@ -44,6 +44,7 @@ from . import __version__
 from . import distributed as dist_
 from .data import ImageData
 from .evaluate import evaluate_bpd
+from .flops import train_flops
 from .flows import Flow, FlowConfig, TarFlow, build
 from .images import grid, levels_to_pixels, save_png
 from .likelihood import bits_per_dim, dequantize_gaussian, dequantize_uniform, unit_to_levels
@@ -421,6 +422,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                 if k != "step" and isinstance(v, (int, float)):
                     writer.add_scalar(k, v, record["step"])
 
+    step_flops = train_flops(model_config)  # per image; model_tflops / peak = MFU
     t0 = time.perf_counter()
     start_step = step
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and info.main), unit="step",
@@ -513,6 +515,8 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                     now = time.perf_counter()
                     rec = {"step": step, "train_bpd": window["bpd"] / window["n"], "lr": lr,
                            "img_per_sec": window["imgs"] / max(now - window_t, 1e-9),
+                           "model_tflops": window["imgs"] / max(now - window_t, 1e-9)
+                           * step_flops / 1e12,
                            "grad_norm": gnorm.item()}
                     if step % cfg.eval_every == 0 and step != cfg.steps:
                         ema.eval()
