@@ -138,6 +138,52 @@ def test_streaming_stats_equal_one_shot_numpy() -> None:
         _ = fid.FeatureStats.from_features(f[:1]).cov
 
 
+def test_merged_stats_equal_one_shot_numpy() -> None:
+    rng = np.random.default_rng(6)
+    f = rng.standard_normal((90, 12)) @ rng.standard_normal((12, 12)) + 50.0
+    parts = [fid.FeatureStats.from_features(f[:1]), fid.FeatureStats.from_features(f[1:40]),
+             fid.FeatureStats(), fid.FeatureStats.from_features(f[40:])]
+    merged = fid.FeatureStats()
+    for p in parts:
+        merged.merge(p)
+    assert merged.n == 90
+    np.testing.assert_allclose(merged.mean, f.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(merged.cov, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="dimension"):
+        merged.merge(fid.FeatureStats.from_features(np.zeros((3, 5))))
+
+
+@pytest.mark.slow
+def test_eval_fid_under_torchrun_equals_one_process(tmp_path: Path, fake_net_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transflow import TarFlowConfig, build
+    from transflow.checkpoints import save_pretrained
+
+    torch.manual_seed(0)
+    model = build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8,
+                                blocks=2, layers=1, num_levels=17, num_classes=10))
+    save_pretrained(model, tmp_path / "m")
+    args = ["eval", "fid", str(tmp_path / "m"), "--data", "digits", "--ref-limit", "40",
+            "--num-samples", "10", "--batch-size", "3", "--inception", str(fake_net_path),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "transflow", *args, "--json",
+                          str(tmp_path / "one.json")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "transflow", *args, "--json",
+                          str(tmp_path / "two.json")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("FID ") == 1  # rank 0 reports
+    a = json.loads((tmp_path / "one.json").read_text())["fid"]
+    b = json.loads((tmp_path / "two.json").read_text())["fid"]
+    assert a > 0 and abs(a - b) < 1e-6 * a  # 4 batches over 2 ranks: the same 10 samples
+
+
 def test_save_load_stats_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     stats = fid.FeatureStats.from_features(rng.standard_normal((30, 5)))

@@ -174,7 +174,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    help="output path (default samples.png); .png: grid, .npz: arrays, "
                         "otherwise a folder of PNGs")
     p.add_argument("--format", help=f"force the output kind: {', '.join(_SAMPLE_FORMATS)}")
-    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=16,
+                   help="number of images (default 16; spell it --num-samples under torchrun, "
+                        "whose own flags make --n ambiguous)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="class label for every image (-1: unconditional); default for a "
@@ -327,7 +329,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--data", required=True, help="reference data set (as for train --data)")
     f.add_argument("--split", default="test", choices=["train", "test"])
     f.add_argument("--ref-limit", type=int, default=0, help="reference: first N images only")
-    f.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    f.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
+                   help="number of samples (default 1000; --num-samples under torchrun)")
     f.add_argument("--batch-size", type=int, default=50)
     f.add_argument("--class", dest="label", type=int, default=None,
                    help="class for every sample (default: classes in turn when conditional)")
@@ -376,16 +379,21 @@ def _run_eval_fid(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import fid
+    from . import distributed, fid
     from .evaluate import data_pixels, model_fid
 
-    device = _device_name(args.device)
-    model = _load_model(args.model, device)
     if args.n < 2:
         raise UsageError(f"--n must be at least 2, got {args.n}")
-    ref = fid.reference_stats(data_pixels(args.data, args.split, args.ref_limit),
-                              cache_dir=args.cache_dir, inception=args.inception,
-                              device=device, progress=not args.no_progress)
+    # under torchrun the samples are shared out among the processes; rank 0 reports
+    info, dev = distributed.setup(torch.device(_device_name(args.device)))
+    device = str(dev)
+    model = _load_model(args.model, device)
+    ref = None
+    if info.main:
+        ref = fid.reference_stats(data_pixels(args.data, args.split, args.ref_limit),
+                                  cache_dir=args.cache_dir, inception=args.inception,
+                                  device=device, progress=not args.no_progress)
+    ref = distributed.broadcast_object(ref, info)
     k = model.config.num_classes
     y = None
     if args.label is not None:
@@ -394,10 +402,13 @@ def _run_eval_fid(args: argparse.Namespace) -> int:
         y = torch.arange(args.n) % k
     denoise = model.config.noise_std > 0 if args.denoise is None else args.denoise
     value = model_fid(model, ref, args.n, batch_size=args.batch_size, inception=args.inception,
-                      device=device, progress=not args.no_progress, y=y,
+                      device=device, progress=not args.no_progress and info.main, dist=info, y=y,
                       temperature=args.temperature, guidance=args.guidance, guide=args.guide,
                       anneal=args.anneal, attn_temp=args.attn_temp, method=args.method,
                       denoise=denoise, sigma=args.sigma, seed=args.seed)
+    distributed.teardown()
+    if not info.main:
+        return 0
     print(f"FID {value:.3f} ({args.n} samples vs {ref.n} {args.split} images of {args.data}"
           f"{', denoised' if denoise else ''})")
     if args.json:

@@ -180,11 +180,15 @@ def data_pixels(data_spec: str, split: str = "test", limit: int = 0) -> np.ndarr
 
 def model_fid(model: Flow, reference, n: int, *, batch_size: int = 50, inception=None,
               device: str | torch.device = "cpu", progress: bool = False,
-              **sample_kwargs) -> float:
+              dist: DistInfo = SINGLE, **sample_kwargs) -> float:
     """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.fid.
     FeatureStats`). Samples are drawn in batches with :func:`transflow.sampling.sample`
     (``sample_kwargs``: guidance, temperature, denoise, method, seed, ...), quantized to the
-    model's levels and spread over 0..255, and streamed through the Inception network."""
+    model's levels and spread over 0..255, and streamed through the Inception network.
+
+    Under ``torchrun`` (``dist``) rank ``r`` draws batches ``r, r + world, ...`` (image ``i``
+    always has seed ``seed + i``, so the samples are those of one process) and the feature
+    statistics of the ranks are merged; every rank returns the FID."""
     from tqdm.auto import tqdm
 
     from . import fid
@@ -195,7 +199,8 @@ def model_fid(model: Flow, reference, n: int, *, batch_size: int = 50, inception
     net = fid.load_inception(inception, device=device)
     stats = fid.FeatureStats(fid.FEATURE_DIM)
     seed = sample_kwargs.pop("seed", 0)
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="FID samples"):
+    starts = list(range(0, n, batch_size))[dist.rank::dist.world]
+    for start in tqdm(starts, disable=not progress, desc="FID samples"):
         count = min(batch_size, n - start)
         y = sample_kwargs.get("y")
         kw = dict(sample_kwargs)
@@ -207,4 +212,12 @@ def model_fid(model: Flow, reference, n: int, *, batch_size: int = 50, inception
                                   model.config.num_levels)
         for f in fid.iter_features(pixels, net, batch_size, device):
             stats.update(f)
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        parts: list = [None] * dist.world
+        tdist.all_gather_object(parts, stats)
+        stats = fid.FeatureStats(fid.FEATURE_DIM)
+        for part in parts:  # in rank order: the same merged statistics on every rank
+            stats.merge(part)
     return fid.fid_from_stats(stats, reference)

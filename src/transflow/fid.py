@@ -291,6 +291,22 @@ class FeatureStats:
         self.n = n
         return self
 
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """Add another set's statistics (Chan et al.'s pairwise combination); returns self."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.n, self._mean, self._m2 = other.n, other._mean.copy(), other._m2.copy()
+            return self
+        if other.dim != self.dim:
+            raise ValueError(f"feature dimension {other.dim} != {self.dim}")
+        n = self.n + other.n
+        delta = other._mean - self._mean
+        self._mean = self._mean + delta * (other.n / n)
+        self._m2 = self._m2 + other._m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        self.n = n
+        return self
+
     @property
     def mean(self) -> np.ndarray:
         """Mean ``[D]`` (float64)."""
