@@ -349,6 +349,9 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     if ckpt:
         ema.load_state_dict(ckpt["ema"])
     sharded = info.enabled and cfg.parallel == "fsdp"
+    if sharded and cfg.reversible:
+        raise ValueError("--reversible rebuilds activations from whole parameters and does not "
+                         "work with --parallel fsdp; use DDP or --checkpointing block")
     net = dist_.wrap(model, info, cfg.parallel, device)  # what the training forward runs
     if sharded:
         dist_.shard(ema)
