@@ -34,7 +34,7 @@ def cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
 
 
 def metrics(run: Path) -> list[dict]:
-    drop = ("time", "img_per_sec")
+    drop = ("time", "img_per_sec", "model_tflops")  # wall-clock figures
     return [{k: v for k, v in json.loads(line).items() if k not in drop}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
