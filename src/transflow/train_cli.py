@@ -43,6 +43,16 @@ def _parse_field(name: str, text: str, example: Any) -> Any:
     return text
 
 
+_TRAIN_HELP = {
+    "parallel": "under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2: sharded weights, gradients "
+                "and optimizer state)",
+    "checkpointing": "activation checkpointing: 'none', 'block' (per flow block / coupling) or "
+                     "'layer' (per Transformer layer)",
+    "reversible": "Jet: rebuild each coupling's input from its output in the backward instead "
+                  "of storing activations",
+}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The ``transflow train`` flags: data, preset, run directory, training and model options."""
     p.add_argument("--model", choices=sorted(FAMILIES), default=None,
@@ -68,12 +78,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         v = getattr(example, f.name)
+        extra = _TRAIN_HELP.get(f.name, "")
         if isinstance(v, bool):
             tg.add_argument(flag, dest=f"train_{f.name}", action=argparse.BooleanOptionalAction,
-                            default=None)
+                            default=None, help=extra or None)
         else:
             tg.add_argument(flag, dest=f"train_{f.name}", type=type(v), default=None,
-                            metavar=type(v).__name__.upper(), help=f"(default {v})")
+                            metavar=type(v).__name__.upper(),
+                            help=f"{extra + ' ' if extra else ''}(default {v})")
     mg = p.add_argument_group("model options (override the preset)")
     examples = {**dataclasses.asdict(JetConfig()), **dataclasses.asdict(TarFlowConfig())}
     for name in _model_fields():
