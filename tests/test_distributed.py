@@ -22,10 +22,10 @@ TARFLOW = ["--width", "32", "--blocks", "2", "--layers", "1", "--head-dim", "16"
 JET = ["--model", "jet", "--width", "32", "--couplings", "3", "--block-depth", "1"]
 
 
-def torchrun(*args: str, procs: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, procs: int = 2, command: str = "train") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={procs}", "-m", "transflow", "train", *args]
+           f"--nproc_per_node={procs}", "-m", "transflow", *command.split(), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -131,3 +131,28 @@ def test_shards_of_a_global_batch_partition_it():
     parts = [D.shard_rows(x, D.DistInfo(r, 3)) for r in range(3)]
     assert torch.equal(torch.cat(parts), x)
     assert D.shard_rows(x, D.SINGLE) is x
+
+
+@pytest.mark.slow
+def test_eval_bpd_under_torchrun_equals_one_process(tmp_path):
+    from transflow import TarFlowConfig, build
+    from transflow.checkpoints import save_pretrained
+
+    from conftest import perturb
+
+    torch.manual_seed(0)
+    model = build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8,
+                                blocks=2, layers=1, num_levels=17, num_classes=10))
+    perturb(model, 0.05)
+    save_pretrained(model, tmp_path / "m")
+    args = [str(tmp_path / "m"), "--data", "digits", "--estimator", "both",
+            "--dequant-samples", "2", "--batch-size", "50", "--no-progress"]
+    assert main(["eval", "bpd", *args, "--json", str(tmp_path / "one.json")]) == 0
+    r = torchrun(*args, "--json", str(tmp_path / "two.json"), command="eval bpd")
+    assert r.stdout.count("bits/dim") == 2  # rank 0 alone reports (two estimators)
+    one = json.loads((tmp_path / "one.json").read_text())["results"]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    for est in ("mean", "iw"):  # 8 batches over 2 ranks, the same noise per batch
+        assert one[est]["images"] == two[est]["images"] == 360
+        assert abs(one[est]["bpd"] - two[est]["bpd"]) < 1e-9
+        assert abs(one[est]["se"] - two[est]["se"]) < 1e-9

@@ -429,10 +429,15 @@ def _run_eval_bpd(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import torch
+
+    from . import distributed
     from .data import load_data
     from .evaluate import evaluate_bpd
 
-    model = _load_model(args.model, args.device)
+    # under torchrun the batches are shared out among the processes; rank 0 reports
+    info, dev = distributed.setup(torch.device(_device_name(args.device)))
+    model = _load_model(args.model, str(dev))
     spec = args.data
     if spec is None:
         cfg_path = Path(args.model) / "config.json"
@@ -454,7 +459,11 @@ def _run_eval_bpd(args: argparse.Namespace) -> int:
             continue
         results[est] = evaluate_bpd(model, x, y, dequant_samples=args.dequant_samples,
                                     estimator=est, limit=args.limit, batch_size=args.batch_size,
-                                    seed=args.seed, progress=not args.no_progress)
+                                    seed=args.seed, progress=not args.no_progress and info.main,
+                                    dist=info)
+    distributed.teardown()
+    if not info.main:
+        return 0
     names = {"mean": "mean bound", "iw": "importance-weighted bound"}
     for est, r in results.items():
         print(f"{args.split} bits/dim ({names[est]}, K={r['dequant_samples']}, "
