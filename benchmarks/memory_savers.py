@@ -45,14 +45,8 @@ import time
 
 import torch
 from _results import emit
+from _shapes import SHAPES, build_shape
 
-SHAPES = {
-    "B": dict(batch=32, config=dict(model="tarflow", image_size=32, channels=3, patch_size=2,
-                                    width=256, blocks=4, layers=4, head_dim=64)),
-    "J": dict(batch=64, config=dict(model="jet", image_size=32, channels=3, patch_size=4,
-                                    couplings=8, block_depth=2, width=256, heads=4,
-                                    kinds=["channels", "channels", "spatial"])),
-}
 VARIANTS = {
     "B-none": ("B", dict()),
     "B-block": ("B", dict(checkpointing="block")),
@@ -81,17 +75,9 @@ def peak_rss_gb() -> float:
 
 
 def run_one(variant: str, steps: int) -> dict:
-    from transflow import build
-    from transflow.flows import config_from_dict
-
     shape, memory = VARIANTS[variant]
     spec = SHAPES[shape]
-    torch.manual_seed(0)
-    model = build(config_from_dict(spec["config"]))
-    with torch.no_grad():  # perturb the zero-initialised outputs, as a trained model would be
-        for name, p in model.named_parameters():
-            if "proj_out" in name:
-                p.normal_(0, 0.02)
+    model = build_shape(shape)
     model.configure_memory(**memory)
     cfg, b = model.config, spec["batch"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.95))

@@ -36,16 +36,8 @@ import time
 
 import torch
 from _results import emit
+from _shapes import SHAPES, build_shape
 
-SHAPES = {
-    "A": dict(batch=64, config=dict(model="tarflow", image_size=32, channels=1, patch_size=4,
-                                    width=128, blocks=4, layers=2, head_dim=64)),
-    "B": dict(batch=32, config=dict(model="tarflow", image_size=32, channels=3, patch_size=2,
-                                    width=256, blocks=4, layers=4, head_dim=64)),
-    "J": dict(batch=64, config=dict(model="jet", image_size=32, channels=3, patch_size=4,
-                                    couplings=8, block_depth=2, width=256, heads=4,
-                                    kinds=["channels", "channels", "spatial"])),
-}
 # the figures for the original implementations (measured elsewhere, not in this run)
 ORIGINAL = {"A": {"train": 233.0, "eval": 547.0, "rss_gb": 0.75},
             "B": {"train": 9.3, "eval": 25.2, "rss_gb": 3.3},
@@ -68,17 +60,10 @@ def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool,
             original: bool) -> dict:
     from _original_tarflow import original_forward, original_loss
 
-    from transflow import build
     from transflow.flops import forward_flops, train_flops
-    from transflow.flows import config_from_dict
 
     spec = SHAPES[shape]
-    torch.manual_seed(0)
-    model = build(config_from_dict(spec["config"]))
-    with torch.no_grad():  # perturb the zero-initialised outputs, as a trained model would be
-        for name, p in model.named_parameters():
-            if "proj_out" in name:
-                p.normal_(0, 0.02)
+    model = build_shape(shape)
     cfg, b = model.config, spec["batch"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.95))
     x = (torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1)

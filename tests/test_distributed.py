@@ -80,6 +80,18 @@ def test_ddp_two_processes_equal_one_process_and_resume_in_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_volume_preserving_prior_follows_the_global_batch(tmp_path):
+    # VP TarFlow updates its prior variance from the batch's mean z^2: under DDP from the
+    # all-reduced global batch, so it must equal the single-process buffer
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process("--out", str(one), *TARFLOW, "--no-nvp", *ARGS)
+    torchrun("--out", str(two), *TARFLOW, "--no-nvp", *ARGS)
+    assert_same_state(one, two)
+    prior = torch.load(two / "checkpoint.pt", weights_only=True)["model"]["prior_var_tokens"]
+    assert (prior - 1).abs().max() > 1e-3  # it moved away from its initial value
+
+
+@pytest.mark.slow
 def test_fsdp2_two_processes_train_jet_and_load_in_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "fsdp"
     one_process("--out", str(one), *JET, *ARGS)
