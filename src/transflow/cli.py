@@ -249,7 +249,12 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.upscale < 1 or (args.nrow is not None and args.nrow < 1):
         raise UsageError("--upscale and --nrow must be >= 1")
     _check_output_location(out if fmt == "pngs" else out.parent)
-    model = load(args.model, device=args.device)
+    # under torchrun each rank draws a contiguous share of the images (image i has seed
+    # seed + i whoever draws it) and rank 0 gathers and writes them
+    from . import distributed
+
+    info, dev = distributed.setup(torch.device(_device_name(args.device)))
+    model = load(args.model, device=str(dev))
     cfg = model.config
     if fmt != "npz" and cfg.channels not in (1, 3):
         raise UsageError(f"PNG output needs 1 or 3 channels, the model has {cfg.channels}; "
@@ -258,15 +263,36 @@ def _run_sample(args: argparse.Namespace) -> int:
     if label is None and cfg.num_classes:
         label = torch.arange(args.n) % cfg.num_classes
     denoise = args.denoise if args.denoise is not None else cfg.noise_std > 0
-    res = sample(model, args.n, y=label, temperature=args.temperature,
-                 guidance=args.guidance, guide=args.guide, anneal=args.anneal,
-                 attn_temp=args.attn_temp, formula=args.formula, method=args.method,
-                 segments=args.segments, tol=args.tol, max_iters=args.max_iters,
-                 denoise=denoise, sigma=args.sigma, seed=args.seed, batch_size=args.batch_size,
-                 progress=not args.quiet, return_result=True)
-    levels = unit_to_levels(res.images, cfg.num_levels)
+    per = -(-args.n // info.world)
+    lo, hi = min(args.n, info.rank * per), min(args.n, (info.rank + 1) * per)
+    if isinstance(label, torch.Tensor):
+        label = label[lo:hi]
+    res = None
+    if hi > lo:
+        res = sample(model, hi - lo, y=label, temperature=args.temperature,
+                     guidance=args.guidance, guide=args.guide, anneal=args.anneal,
+                     attn_temp=args.attn_temp, formula=args.formula, method=args.method,
+                     segments=args.segments, tol=args.tol, max_iters=args.max_iters,
+                     denoise=denoise, sigma=args.sigma, seed=args.seed + lo,
+                     batch_size=args.batch_size, progress=not args.quiet and info.main,
+                     return_result=True)
+    levels = unit_to_levels(torch.zeros(0, cfg.channels, cfg.image_size, cfg.image_size),
+                            cfg.num_levels)
+    labels = torch.full((hi - lo,), -1)
+    if res is not None:
+        levels = unit_to_levels(res.images, cfg.num_levels).cpu()
+        labels = res.labels.cpu() if res.labels is not None else labels
+    if info.enabled:
+        import torch.distributed as tdist
+
+        parts: list = [None] * info.world
+        tdist.all_gather_object(parts, (levels, labels))
+        distributed.teardown()
+        if not info.main:
+            return 0
+        levels = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
     if fmt == "npz":
-        labels = res.labels if res.labels is not None else torch.full((args.n,), -1)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out, images=levels.permute(0, 2, 3, 1).cpu().numpy(),
                  labels=labels.numpy(), num_levels=np.int64(cfg.num_levels))
@@ -280,9 +306,11 @@ def _run_sample(args: argparse.Namespace) -> int:
             for i, im in enumerate(pixels):
                 save_png(im, out / f"{i:06d}.png", args.upscale)
     how = ""
-    if res.plan is not None:
+    if res is not None and res.plan is not None:
         how = f", plan {','.join(res.plan)}, iterations {res.iterations()}"
-    print(f"wrote {args.n} images to {out} ({fmt}{how}, {res.seconds:.1f} s)")
+    seconds = f", {res.seconds:.1f} s" if res is not None else ""
+    procs = f", {info.world} processes" if info.enabled else ""
+    print(f"wrote {args.n} images to {out} ({fmt}{how}{seconds}{procs})")
     return 0
 
 
