@@ -16,6 +16,8 @@ import transflow
 from transflow import distributed as D
 from transflow.cli import main
 
+from conftest import perturb
+
 ARGS = ["--steps", "6", "--batch-size", "32", "--log-every", "2", "--eval-every", "4",
         "--eval-images", "100", "--sample-every", "4", "--checkpoint-every", "3", "--no-progress"]
 TARFLOW = ["--width", "32", "--blocks", "2", "--layers", "1", "--head-dim", "16"]
@@ -33,6 +35,18 @@ def torchrun(*args: str, procs: int = 2, command: str = "train") -> subprocess.C
 
 def one_process(*args: str) -> None:
     assert main(["train", *args]) in (0, None)
+
+
+def save_tiny_model(path: Path) -> None:
+    """A small conditional TarFlow for the digits, far from the identity, saved to ``path``."""
+    from transflow import TarFlowConfig, build
+    from transflow.checkpoints import save_pretrained
+
+    torch.manual_seed(0)
+    model = build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8,
+                                blocks=2, layers=1, num_levels=17, num_classes=10))
+    perturb(model, 0.05)
+    save_pretrained(model, path)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -147,16 +161,7 @@ def test_shards_of_a_global_batch_partition_it():
 
 @pytest.mark.slow
 def test_eval_bpd_under_torchrun_equals_one_process(tmp_path):
-    from transflow import TarFlowConfig, build
-    from transflow.checkpoints import save_pretrained
-
-    from conftest import perturb
-
-    torch.manual_seed(0)
-    model = build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8,
-                                blocks=2, layers=1, num_levels=17, num_classes=10))
-    perturb(model, 0.05)
-    save_pretrained(model, tmp_path / "m")
+    save_tiny_model(tmp_path / "m")
     args = [str(tmp_path / "m"), "--data", "digits", "--estimator", "both",
             "--dequant-samples", "2", "--batch-size", "50", "--no-progress"]
     assert main(["eval", "bpd", *args, "--json", str(tmp_path / "one.json")]) == 0
@@ -174,16 +179,7 @@ def test_eval_bpd_under_torchrun_equals_one_process(tmp_path):
 def test_sample_under_torchrun_writes_the_images_of_one_process(tmp_path):
     import numpy as np
 
-    from transflow import TarFlowConfig, build
-    from transflow.checkpoints import save_pretrained
-
-    from conftest import perturb
-
-    torch.manual_seed(0)
-    model = build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8,
-                                blocks=2, layers=1, num_levels=17, num_classes=10))
-    perturb(model, 0.05)
-    save_pretrained(model, tmp_path / "m")
+    save_tiny_model(tmp_path / "m")
     args = [str(tmp_path / "m"), "--num-samples", "7", "--batch-size", "2", "--guidance", "1",
             "--seed", "3", "--quiet"]
     assert main(["sample", *args, "-o", str(tmp_path / "one.npz")]) == 0
