@@ -135,12 +135,6 @@ def shard(model: nn.Module) -> None:
     fully_shard(model)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict with full (unsharded) CPU tensors; collective under FSDP2 (every
     rank must call it), a plain copy otherwise."""
