@@ -170,6 +170,32 @@ def test_learning_rate_schedule():
     assert T.learning_rate(110, tc) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_optimizer_decays_only_matrices_and_fused_equals_the_reference_update():
+    torch.manual_seed(0)
+    model = build(get_config("tarflow-digits"))
+    opt = T.make_optimizer(model, lr=1e-2, weight_decay=0.5)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2 and "embed" not in name), name
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.defaults["fused"]  # the fast path: torch >= 2.4 has a fused AdamW for CPU
+    # the fused kernel gives the textbook AdamW update (decoupled decay, bias correction)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    m = {n: torch.zeros_like(p) for n, p in ref.items()}
+    v = {n: torch.zeros_like(p) for n, p in ref.items()}
+    for t in range(1, 4):
+        for n, p in model.named_parameters():
+            p.grad = torch.randn_like(p)
+            g, wd = p.grad, 0.5 if id(p) in decayed else 0.0
+            m[n] = 0.9 * m[n] + 0.1 * g
+            v[n] = 0.95 * v[n] + 0.05 * g * g
+            step = (m[n] / (1 - 0.9 ** t)) / ((v[n] / (1 - 0.95 ** t)).sqrt() + 1e-8)
+            ref[n] = ref[n] * (1 - 1e-2 * wd) - 1e-2 * step
+        opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_fine_tuning_starts_lower_than_scratch(tmp_path, digits):
     """Pretrain on digits 0-4, then the pretrained weights score digits 5-9 far better than a
     fresh model: --init-from loads every tensor."""

@@ -355,12 +355,7 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
     net = dist_.wrap(model, info, cfg.parallel, device)  # what the training forward runs
     if sharded:
         dist_.shard(ema)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=not sharded)
     step, bad_total, elapsed_before = 0, 0, 0.0
     window = {"bpd": 0.0, "n": 0, "imgs": 0}  # running sums since the last log line
     if ckpt:
@@ -572,6 +567,26 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
                "test_images": ev["images"], "seconds": elapsed, "skipped_steps": bad_total,
                "parameters": sum(p.numel() for p in model.parameters())}
     return summary
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   fused: bool = True) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on matrices only: biases, norms and embeddings
+    (``ndim < 2`` or ``embed`` in the name) are not decayed. ``fused``: one fused kernel per step
+    where the parameters' device has one (CPU, CUDA; 3-4x faster than the default ``foreach``
+    update on CPU, same result to float rounding), else the default."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    device = next(model.parameters()).device.type
+    if fused and device in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        except RuntimeError:  # an older torch without this device's fused kernel
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 def _try_sample_grid(model: Flow, path: Path, seed: int) -> None:
