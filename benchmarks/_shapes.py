@@ -30,3 +30,16 @@ def build_shape(shape: str, seed: int = 0) -> torch.nn.Module:
             if "proj_out" in name:
                 p.normal_(0, 0.02)
     return model
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               forward: Any = None) -> torch.Tensor:
+    """One benchmarked training step: ``forward`` (default: the model) on the images ``x``
+    ``[B, C, H, W]``, the per-dimension negative log-likelihood, backward, the optimizer's update.
+    Returns the loss."""
+    z, logdet = (forward or model)(x)
+    loss = -(model.prior_log_prob(z) + logdet).mean() / model.config.dims
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss

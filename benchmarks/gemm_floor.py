@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from _results import emit
-from _shapes import SHAPES, build_shape
+from _shapes import SHAPES, build_shape, train_step
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_speed import ORIGINAL
 
@@ -118,19 +118,15 @@ def run_shape(shape: str, repeats: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.95))
     x = torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
 
-    def train_step() -> None:
-        z, logdet = model(x)
-        loss = -(model.prior_log_prob(z) + logdet).mean() / cfg.dims
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def train() -> None:
+        train_step(model, opt, x)
 
     def eval_step() -> None:
         with torch.no_grad():
             model.log_prob(x)
 
     out: dict = {"batch": b, "config": spec["config"]}
-    for phase, fn in (("train", train_step), ("eval", eval_step)):
+    for phase, fn in (("train", train), ("eval", eval_step)):
         fn()
         rec = Recorder()
         with rec:

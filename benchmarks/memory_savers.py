@@ -45,7 +45,7 @@ import time
 
 import torch
 from _results import emit
-from _shapes import SHAPES, build_shape
+from _shapes import SHAPES, build_shape, train_step
 
 VARIANTS = {
     "B-none": ("B", dict()),
@@ -84,21 +84,16 @@ def run_one(variant: str, steps: int) -> dict:
     x = torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
     losses = []
 
-    def train_step() -> None:
-        z, logdet = model(x)
-        loss = -(model.prior_log_prob(z) + logdet).mean() / cfg.dims
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    def train() -> None:
+        losses.append(float(train_step(model, opt, x)))
 
     out: dict = {"rss_built_gb": current_rss_gb()}
-    train_step()  # warm-up: allocates gradients and the AdamW state
+    train()  # warm-up: allocates gradients and the AdamW state
     out["rss_before_step_gb"] = current_rss_gb()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        train_step()
+        train()
         times.append(time.perf_counter() - t0)
     out["peak_rss_gb"] = peak_rss_gb()
     out["step_peak_over_before_gb"] = out["peak_rss_gb"] - out["rss_before_step_gb"]

@@ -26,7 +26,7 @@ import time
 
 import torch
 from _results import emit
-from _shapes import SHAPES, build_shape
+from _shapes import SHAPES, build_shape, train_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from transflow.train import make_optimizer
@@ -71,21 +71,18 @@ def run_shape(shape: str, steps: int) -> dict:
     x = torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
     clock = OpClock()
 
-    def train_step() -> None:
-        z, logdet = model(x)
-        loss = -(model.prior_log_prob(z) + logdet).mean() / cfg.dims
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clock.in_optimizer = True
-        opt.step()
-        clock.in_optimizer = False
+    opt.register_step_pre_hook(lambda *_: setattr(clock, "in_optimizer", True))
+    opt.register_step_post_hook(lambda *_: setattr(clock, "in_optimizer", False))
+
+    def train() -> None:
+        train_step(model, opt, x)
 
     def eval_step() -> None:
         with torch.no_grad():
             model.log_prob(x)
 
     out: dict = {"batch": b, "config": SHAPES[shape]["config"]}
-    for phase, fn in (("train", train_step), ("eval", eval_step)):
+    for phase, fn in (("train", train), ("eval", eval_step)):
         fn()
         fn()
         clock.seconds.clear()

@@ -37,7 +37,7 @@ import time
 
 import torch
 from _results import emit
-from _shapes import SHAPES, build_shape
+from _shapes import SHAPES, build_shape, train_step
 
 # the figures for the original implementations (measured elsewhere, not in this run)
 ORIGINAL = {"A": {"train": 233.0, "eval": 547.0, "rss_gb": 0.75},
@@ -76,12 +76,8 @@ def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool,
     x = x + 0.01 * torch.randn_like(x)
     fwd = torch.compile(model) if compile_ else model
 
-    def train_step() -> None:
-        z, logdet = fwd(x)
-        loss = -(model.prior_log_prob(z) + logdet).mean() / cfg.dims
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def train() -> None:
+        train_step(model, opt, x, forward=fwd)
 
     def eval_step() -> None:
         with torch.no_grad():
@@ -98,7 +94,7 @@ def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool,
             z, logdet = original_forward(model, x)
             model.prior_log_prob(z) + logdet
 
-    fns = {"train": train_step, "eval": eval_step}
+    fns = {"train": train, "eval": eval_step}
     if original and cfg.family == "tarflow":
         with torch.no_grad():  # the baseline computes the same flow before it is timed
             z0, ld0 = model(x)
