@@ -37,7 +37,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     """One benchmarked training step: ``forward`` (default: the model) on the images ``x``
     ``[B, C, H, W]``, the per-dimension negative log-likelihood, backward, the optimizer's update.
     Returns the loss."""
-    z, logdet = (forward or model)(x)
+    z, logdet = (model if forward is None else forward)(x)
     loss = -(model.prior_log_prob(z) + logdet).mean() / model.config.dims
     opt.zero_grad(set_to_none=True)
     loss.backward()
