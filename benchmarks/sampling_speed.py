@@ -1,4 +1,4 @@
-"""TarFlow sampling speed on CPU: images/s of every solver, against the original algorithm.
+"""TarFlow sampling speed: images/s of every solver, against the original algorithm.
 
 Two shapes with random weights (default initialisation, output projections ``proj_out`` set to
 ``N(0, 0.02^2)``; the seed is chosen so that sampling stays finite):
@@ -30,7 +30,9 @@ batch 64 (``estimated: true`` in the output). Jacobi-type methods run ``--parall
 times (default once); ``auto`` is timed in steady state, its one-off measurement separately.
 
 Prints one JSON object per config and appends it to ``benchmarks/results/sampling_speed.jsonl``.
-Run: ``python benchmarks/sampling_speed.py --configs A64,B16,B64 --repeats 3``.
+Run: ``python benchmarks/sampling_speed.py --configs A64,B16,B64 --repeats 3``; on a GPU add
+``--device cuda`` (every tensor is made there, each timed region waits for the GPU, and ``B64``
+is timed in full, not estimated).
 """
 
 from __future__ import annotations
@@ -72,15 +74,17 @@ def make_model(shape: str, num_classes: int, seed: int = 0, std: float = 0.02) -
     the first seed >= ``seed`` whose samples (4 probe latents) are finite."""
     for s in range(seed, seed + 20):
         torch.manual_seed(s)
-        model = TarFlow(TarFlowConfig(head_dim=64, num_classes=num_classes, **SHAPES[shape]))
+        with torch.device("cpu"):  # the same weights on every device (CPU RNG)
+            model = TarFlow(TarFlowConfig(head_dim=64, num_classes=num_classes, **SHAPES[shape]))
         g = torch.Generator().manual_seed(s)
         with torch.no_grad():
             for b in model.blocks:
                 for p in (b.proj_out.weight, b.proj_out.bias):
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-        model.eval()
+                    p.copy_(torch.randn(p.shape, generator=g, device="cpu") * std)
+        model = model.to(torch.get_default_device()).eval()
         c = model.config
-        z = torch.randn(4, c.channels, c.image_size, c.image_size, generator=g)
+        z = torch.randn(4, c.channels, c.image_size, c.image_size, generator=g, device="cpu")
+        z = z.to(torch.get_default_device())
         y = torch.arange(4) % num_classes if num_classes else None
         x = invert_tarflow(model, z, y, guidance=GUIDANCE if num_classes else None)[0]
         if bool(torch.isfinite(x).all()) and x.abs().max() < 1e3:
@@ -152,6 +156,12 @@ def original_reverse(model: TarFlow, z: Tensor, y: Tensor | None, guidance: floa
 # ---------------------------------------------------------------------------------------------
 # timing helpers
 # ---------------------------------------------------------------------------------------------
+def _sync() -> None:
+    """Wait for the queued GPU work (``--device cuda``); nothing on the CPU."""
+    if torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
                windows: list[tuple[int, int]]) -> list[float]:
     """Mean seconds per sequential step over each window ``[a, b)`` of positions (block 0's
@@ -174,9 +184,11 @@ def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
                 c.v.zero_()
             for a, b in windows:
                 block.inverse_step(x, z, a, ctx, caches)  # warm-up
+                _sync()
                 t0 = time.perf_counter()
                 for i in range(a, b):
                     block.inverse_step(x, z, i, ctx, caches)
+                _sync()
                 out.append((time.perf_counter() - t0) / (b - a))
         else:
             pos = block.ordered_pos_embed()
@@ -188,11 +200,13 @@ def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
                 caches = [OriginalCache(len(block.layers)) for _ in range(2)]
                 for c in caches:
                     c.prefill(a, like)
+                _sync()
                 t0 = time.perf_counter()
                 for i in range(a, b):
                     original_step(block, x[:, i:i + 1], i, pos, cls_c, caches[0])
                     if guided:
                         original_step(block, x[:, i:i + 1], i, pos, cls_u, caches[1])
+                _sync()
                 out.append((time.perf_counter() - t0) / (b - a))
     return out
 
@@ -238,7 +252,8 @@ def latents(model: TarFlow, batch: int) -> Tensor:
     """The first ``batch`` of 64 fixed latents (so B16 is the first quarter of B64)."""
     c = model.config
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(64, c.channels, c.image_size, c.image_size, generator=gen)[:batch]
+    z = torch.randn(64, c.channels, c.image_size, c.image_size, generator=gen, device="cpu")
+    return z[:batch].to(torch.get_default_device())
 
 
 def pass_seconds(model: TarFlow, batch: int, guided: bool) -> float:
@@ -250,8 +265,10 @@ def pass_seconds(model: TarFlow, batch: int, guided: bool) -> float:
     with torch.inference_mode():
         xt = torch.zeros(batch, t - 1, model.config.token_dim)
         block._guided_affine(xt, ctx, None, 0)  # warm-up
+        _sync()
         t0 = time.perf_counter()
         block._guided_affine(xt, ctx, None, 0)
+        _sync()
     return time.perf_counter() - t0
 
 
@@ -263,7 +280,7 @@ def run_config(name: str, guided: bool, repeats: int, parallel_repeats: int,
     z = latents(model, batch)
     y = torch.arange(batch) % 10 if guided else None
     g = GUIDANCE if guided else None
-    full = name != "B64"
+    full = name != "B64" or torch.get_default_device().type != "cpu"  # a GPU times B64 fully
     res: dict[str, Any] = {"config": name, "shape": shape, "batch": batch, "guided": guided,
                            "tokens": t, "model_seed": model.seed, "methods": {}}
 
@@ -315,6 +332,7 @@ def run_config(name: str, guided: bool, repeats: int, parallel_repeats: int,
             if r >= parallel_repeats and m not in ("original", "sequential", "auto"):
                 continue
             plan = resolve(model, m, batch, y, g) if m != "original" else None
+            _sync()
             t0 = time.perf_counter()  # auto: steady state (its plan is cached per model)
             st = None
             if plan is None:
@@ -322,6 +340,7 @@ def run_config(name: str, guided: bool, repeats: int, parallel_repeats: int,
                     x = original_reverse(model, z, y, g or 0.0)
             else:
                 x, st = invert_tarflow(model, z, y, plan=plan, guidance=g, tol=TOL)
+            _sync()
             times[m].append(batch / (time.perf_counter() - t0))
             if m == "sequential":
                 ref = x
@@ -371,8 +390,10 @@ def main() -> None:
                     help="repeats of jacobi / gs / selective (slow on CPU; default 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (tensors are made there)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
     methods = args.methods.split(",")
     if "sequential" not in methods:
         methods.insert(0, "sequential")
@@ -394,6 +415,8 @@ def main() -> None:
                        timespec="seconds"),
                    "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
                                "torch": torch.__version__, "threads": args.threads,
+                               "device": args.device if args.device == "cpu"
+                               else torch.cuda.get_device_name(),
                                "dtype": "float32",
                                "loadavg_before_after": [round(load0[0], 2),
                                                         round(os.getloadavg()[0], 2)],

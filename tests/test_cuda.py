@@ -13,7 +13,7 @@ import torch
 from transflow import Jet, TarFlow, get_config
 from transflow.data import load_data
 from transflow.likelihood import bits_per_dim
-from transflow.sampling import denoise, invert_tarflow, sample
+from transflow.sampling import auto_plan, denoise, invert_tarflow, sample
 from transflow.train import TrainConfig, make_optimizer, train
 
 from conftest import JET_VARIANTS, TARFLOW_VARIANTS, jet_config, perturb, tarflow_config
@@ -157,3 +157,24 @@ def test_optimizer_is_fused_on_cuda():
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_auto_plan_times_finished_gpu_work(monkeypatch):
+    """GPU kernels run asynchronously: the planner's timings must wait for them, else it
+    compares launch times instead of run times."""
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (calls.append(1), real(*a)))
+    model = _model("tarflow", "nvp").cuda()
+    plan = auto_plan(model, 8, tol=1e-4)
+    assert len(plan.plan) == len(model.blocks)
+    assert len(calls) >= 3 + 2  # each timed call (3 sequential steps, 2 passes) waited
+
+
+def test_seeded_sampling_and_auto_plan_under_a_default_cuda_device():
+    """Seeded draws come from CPU generators; they must not follow torch's default device."""
+    model = _model("tarflow", "nvp").cuda()
+    ref = sample(model, 3, seed=5)
+    with torch.device("cuda"):
+        x = sample(model, 3, seed=5, method="auto")
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-3)

@@ -209,6 +209,7 @@ def invert_tarflow(model: TarFlow, z: Tensor, y: Tensor | int | None = None, *,
         for i in reversed(range(len(model.blocks))):
             t0 = time.perf_counter()
             t, st = model.blocks[i].solve(t, y, 1.0, g, plans[i], tol, max_iters)
+            _sync(t.device)
             st.seconds = time.perf_counter() - t0
             stats[i] = st
     return model.image(t), [s for s in stats if s is not None]
@@ -243,13 +244,22 @@ _AUTO_CACHE: weakref.WeakKeyDictionary[TarFlow, dict[tuple, AutoPlan]] = (
     weakref.WeakKeyDictionary())
 
 
-def _time(fn: Any, repeat: int) -> float:
-    """Fastest of ``repeat`` timed calls after a warm-up (robust to stalls on a busy machine)."""
+def _sync(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator (GPU kernels run asynchronously)."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def _time(fn: Any, repeat: int, device: torch.device) -> float:
+    """Fastest of ``repeat`` timed calls after a warm-up (robust to stalls on a busy machine),
+    each until its work on ``device`` has finished."""
     fn()
+    _sync(device)
     best = math.inf
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -302,7 +312,8 @@ def auto_plan(model: TarFlow, batch_size: int, *, y: Tensor | None = None,
     p = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     nprobe = max(1, min(probe, batch_size))
-    zp = torch.randn(nprobe, c.channels, c.image_size, c.image_size, generator=gen)
+    zp = torch.randn(nprobe, c.channels, c.image_size, c.image_size, generator=gen,
+                     device="cpu")
     zp = zp.to(device=p.device, dtype=p.dtype)
     if model.prior_var() is not None:
         zp = zp * model.prior_var().sqrt().to(zp.dtype)
@@ -383,8 +394,8 @@ def _measure_block(block: TarFlowBlock, y: Tensor | None, guidance: Guidance | N
         cache.v.zero_()
     mid = (t - 1) // 2
     z = x.clone()
-    t1 = _time(lambda: block.inverse_step(x, z, mid, ctx, caches), 3)
-    tl = _time(lambda: block._guided_affine(x[:, :window], ctx, None, 0), 2)
+    t1 = _time(lambda: block.inverse_step(x, z, mid, ctx, caches), 3, x.device)
+    tl = _time(lambda: block._guided_affine(x[:, :window], ctx, None, 0), 2, x.device)
     return t1, tl
 
 
@@ -465,8 +476,8 @@ def _noise(model: Flow, start: int, count: int, seed: int | None,
     shape = (c.channels, c.image_size, c.image_size)
     p = next(model.parameters())
     if seed is not None:
-        zs = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + j))
-              for j in range(count)]
+        zs = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + j),
+                          device="cpu") for j in range(count)]
         z = torch.stack(zs)
     else:
         dev = generator.device if generator is not None else torch.device("cpu")
@@ -570,5 +581,6 @@ def sample(model: Flow, n: int, *, y: Tensor | int | Sequence[int] | None = None
     out = torch.cat(images)
     if not return_result:
         return out
+    _sync(out.device)  # the reported seconds include the queued GPU work
     shown = None if labels is None else labels.cpu()
     return SampleResult(out, shown, plan, stats, time.perf_counter() - t0, auto)

@@ -142,7 +142,8 @@ def _seed(*parts: int) -> int:
 @functools.lru_cache(maxsize=2)
 def _epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     """The data order of one epoch (cached: consecutive steps reuse it; callers only slice)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)),
+                          device="cpu")
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:
