@@ -32,7 +32,8 @@ def perturb(model: torch.nn.Module, std: float = 0.1, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64, device="cpu")
+            noise = noise.to(p.device, p.dtype)
             if "proj_out" in name:
                 p.copy_(noise * std)
                 if name.endswith("bias"):
