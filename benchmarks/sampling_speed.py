@@ -53,7 +53,7 @@ from torch import Tensor
 
 from transflow import TarFlow, TarFlowConfig
 from transflow.flows.tarflow import InverseContext, TarFlowBlock
-from transflow.sampling import Guidance, auto_plan, invert_tarflow
+from transflow.sampling import Guidance, _sync, auto_plan, invert_tarflow
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sampling_speed.jsonl"
 SHAPES = {
@@ -156,10 +156,9 @@ def original_reverse(model: TarFlow, z: Tensor, y: Tensor | None, guidance: floa
 # ---------------------------------------------------------------------------------------------
 # timing helpers
 # ---------------------------------------------------------------------------------------------
-def _sync() -> None:
+def _wait() -> None:
     """Wait for the queued GPU work (``--device cuda``); nothing on the CPU."""
-    if torch.get_default_device().type == "cuda":
-        torch.cuda.synchronize()
+    _sync(torch.get_default_device())
 
 
 def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
@@ -184,11 +183,11 @@ def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
                 c.v.zero_()
             for a, b in windows:
                 block.inverse_step(x, z, a, ctx, caches)  # warm-up
-                _sync()
+                _wait()
                 t0 = time.perf_counter()
                 for i in range(a, b):
                     block.inverse_step(x, z, i, ctx, caches)
-                _sync()
+                _wait()
                 out.append((time.perf_counter() - t0) / (b - a))
         else:
             pos = block.ordered_pos_embed()
@@ -200,13 +199,13 @@ def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
                 caches = [OriginalCache(len(block.layers)) for _ in range(2)]
                 for c in caches:
                     c.prefill(a, like)
-                _sync()
+                _wait()
                 t0 = time.perf_counter()
                 for i in range(a, b):
                     original_step(block, x[:, i:i + 1], i, pos, cls_c, caches[0])
                     if guided:
                         original_step(block, x[:, i:i + 1], i, pos, cls_u, caches[1])
-                _sync()
+                _wait()
                 out.append((time.perf_counter() - t0) / (b - a))
     return out
 
@@ -265,10 +264,10 @@ def pass_seconds(model: TarFlow, batch: int, guided: bool) -> float:
     with torch.inference_mode():
         xt = torch.zeros(batch, t - 1, model.config.token_dim)
         block._guided_affine(xt, ctx, None, 0)  # warm-up
-        _sync()
+        _wait()
         t0 = time.perf_counter()
         block._guided_affine(xt, ctx, None, 0)
-        _sync()
+        _wait()
     return time.perf_counter() - t0
 
 
@@ -332,7 +331,7 @@ def run_config(name: str, guided: bool, repeats: int, parallel_repeats: int,
             if r >= parallel_repeats and m not in ("original", "sequential", "auto"):
                 continue
             plan = resolve(model, m, batch, y, g) if m != "original" else None
-            _sync()
+            _wait()
             t0 = time.perf_counter()  # auto: steady state (its plan is cached per model)
             st = None
             if plan is None:
@@ -340,7 +339,7 @@ def run_config(name: str, guided: bool, repeats: int, parallel_repeats: int,
                     x = original_reverse(model, z, y, g or 0.0)
             else:
                 x, st = invert_tarflow(model, z, y, plan=plan, guidance=g, tol=TOL)
-            _sync()
+            _wait()
             times[m].append(batch / (time.perf_counter() - t0))
             if m == "sequential":
                 ref = x

@@ -41,15 +41,12 @@ import torch
 from _results import emit
 from _shapes import SHAPES, build_shape, train_step
 
+from transflow.sampling import _sync
+
 # the figures for the original implementations (measured elsewhere, not in this run)
 ORIGINAL = {"A": {"train": 233.0, "eval": 547.0, "rss_gb": 0.75},
             "B": {"train": 9.3, "eval": 25.2, "rss_gb": 3.3},
             "J": {"train": 21.9, "eval": 80.6}}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32,
@@ -109,18 +106,14 @@ def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool,
             model.prior_log_prob(z) + logdet
 
     fns = {"train": train, "eval": eval_step}
-    if amp == "bf16":
-        fns = {k: torch.autocast(dev.type, dtype=torch.bfloat16)(f) for k, f in fns.items()}
     if original and cfg.family == "tarflow":
         with torch.no_grad():  # the baseline computes the same flow before it is timed
             z0, ld0 = model(x)
             z1, ld1 = original_forward(model, x)
         assert torch.allclose(z0, z1, atol=1e-4) and torch.allclose(ld0, ld1, rtol=1e-4)
-        originals = {"original_train": original_train_step, "original_eval": original_eval_step}
-        if amp == "bf16":
-            originals = {k: torch.autocast(dev.type, dtype=torch.bfloat16)(f)
-                         for k, f in originals.items()}
-        fns.update(originals)
+        fns.update(original_train=original_train_step, original_eval=original_eval_step)
+    if amp == "bf16":
+        fns = {k: torch.autocast(dev.type, dtype=torch.bfloat16)(f) for k, f in fns.items()}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
