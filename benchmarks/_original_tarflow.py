@@ -38,7 +38,7 @@ def _layer(layer: TransformerLayer, h: Tensor, mask: Tensor) -> Tensor:
 
 
 def _block(block: TarFlowBlock, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-    x = block._order(x)
+    x = block.order(x)
     t = x.shape[1]
     mask = torch.tril(torch.ones(t, t, device=x.device)).bool()
     h = block.proj_in(x) + block.ordered_pos_embed()
@@ -50,7 +50,7 @@ def _block(block: TarFlowBlock, x: Tensor, y: Tensor | None) -> tuple[Tensor, Te
     out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
     xa, xb = out.chunk(2, dim=-1)
     scale = (-xa.float()).exp().type(xa.dtype)
-    return block._order((x - xb) * scale), -xa.mean(dim=[1, 2])
+    return block.order((x - xb) * scale), -xa.mean(dim=[1, 2])
 
 
 def original_forward(model: TarFlow, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:

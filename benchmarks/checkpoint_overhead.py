@@ -19,7 +19,8 @@ import torch
 from _results import emit
 
 from transflow import build, get_config
-from transflow.train import CHECKPOINT, _atomic_torch_save, load_checkpoint
+from transflow.rundir import CHECKPOINT, RunDir
+from transflow.train import load_checkpoint
 
 
 def main() -> None:
@@ -38,10 +39,11 @@ def main() -> None:
             "model_config": model.config.to_dict()}
     saves, loads = [], []
     with tempfile.TemporaryDirectory(dir=".") as d:
-        path = Path(d) / CHECKPOINT
+        run = RunDir(d)
+        path = run.path / CHECKPOINT
         for _ in range(a.repeats):
             t0 = time.perf_counter()
-            _atomic_torch_save(ckpt, path)
+            run.save_checkpoint(ckpt)
             saves.append(time.perf_counter() - t0)
         size = path.stat().st_size
         for _ in range(a.repeats):

@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transflow import TarFlow, TarFlowConfig
-from transflow.flows.tarflow import InverseContext, TarFlowBlock
-from transflow.sampling import Guidance, _sync, auto_plan, invert_tarflow
+from transflow.flows.solvers import InverseContext, predict, step, sync
+from transflow.flows.tarflow import TarFlowBlock
+from transflow.sampling import Guidance, auto_plan, invert_tarflow
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sampling_speed.jsonl"
 SHAPES = {
@@ -134,7 +135,7 @@ def original_reverse(model: TarFlow, z: Tensor, y: Tensor | None, guidance: floa
     t = model.tokens(z)
     n = z.shape[0]
     for block in reversed(model.blocks):
-        x = block._order(t).clone()
+        x = block.order(t).clone()
         pos = block.ordered_pos_embed()
         cls_c = cls_u = None
         if block.class_embed is not None:
@@ -149,7 +150,7 @@ def original_reverse(model: TarFlow, z: Tensor, y: Tensor | None, guidance: floa
                 za = za + guidance * (za - za_u)
                 zb = zb + guidance * (zb - zb_u)
             x[:, i + 1] = x[:, i + 1] * za[:, 0].exp() + zb[:, 0]
-        t = block._order(x)
+        t = block.order(x)
     return model.image(t)
 
 
@@ -158,7 +159,7 @@ def original_reverse(model: TarFlow, z: Tensor, y: Tensor | None, guidance: floa
 # ---------------------------------------------------------------------------------------------
 def _wait() -> None:
     """Wait for the queued GPU work (``--device cuda``); nothing on the CPU."""
-    _sync(torch.get_default_device())
+    sync(torch.get_default_device())
 
 
 def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
@@ -170,23 +171,23 @@ def step_costs(model: TarFlow, batch: int, guided: bool, which: str,
     d = model.config.token_dim
     y = torch.arange(batch) % 10 if model.config.num_classes else None
     g = Guidance(GUIDANCE) if guided else None
-    ym = model._check_labels(y, batch)
+    ym = model.check_labels(y, batch)
     out = []
     with torch.inference_mode():
         z = torch.randn(batch, t, d)
         x = z.clone()
         if which == "sequential":
             ctx = InverseContext.build(block, ym, 1.0, g, batch, t)
-            caches = block._caches(ctx.rows, t - 1, z)
+            caches = block.make_caches(ctx.rows, t - 1, z)
             for c in caches:
                 c.k.zero_()
                 c.v.zero_()
             for a, b in windows:
-                block.inverse_step(x, z, a, ctx, caches)  # warm-up
+                step(block, x, z, a, ctx, caches)  # warm-up
                 _wait()
                 t0 = time.perf_counter()
                 for i in range(a, b):
-                    block.inverse_step(x, z, i, ctx, caches)
+                    step(block, x, z, i, ctx, caches)
                 _wait()
                 out.append((time.perf_counter() - t0) / (b - a))
         else:
@@ -259,14 +260,14 @@ def pass_seconds(model: TarFlow, batch: int, guided: bool) -> float:
     """One Jacobi pass (all T - 1 inputs through one block) at ``batch`` images."""
     block, t = model.blocks[0], model.config.tokens
     y = torch.arange(batch) % 10 if guided else None
-    ctx = InverseContext.build(block, model._check_labels(y, batch), 1.0,
+    ctx = InverseContext.build(block, model.check_labels(y, batch), 1.0,
                                 Guidance(GUIDANCE) if guided else None, batch, t)
     with torch.inference_mode():
         xt = torch.zeros(batch, t - 1, model.config.token_dim)
-        block._guided_affine(xt, ctx, None, 0)  # warm-up
+        predict(block, xt, ctx, None, 0)  # warm-up
         _wait()
         t0 = time.perf_counter()
-        block._guided_affine(xt, ctx, None, 0)
+        predict(block, xt, ctx, None, 0)
         _wait()
     return time.perf_counter() - t0
 

@@ -41,7 +41,7 @@ import torch
 from _results import emit
 from _shapes import SHAPES, build_shape, train_step
 
-from transflow.sampling import _sync
+from transflow.flows.solvers import sync
 
 # the figures for the original implementations (measured elsewhere, not in this run)
 ORIGINAL = {"A": {"train": 233.0, "eval": 547.0, "rss_gb": 0.75},
@@ -57,12 +57,12 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32,
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync(device)
     best, t_end = 0.0, time.perf_counter() + seconds
     while best == 0.0 or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -117,7 +117,7 @@ def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool,
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(dev)
+    sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     rates: dict[str, list[float]] = {k: [] for k in fns}
@@ -126,7 +126,7 @@ def run_one(shape: str, steps: int, repeats: int, warmup: int, compile_: bool,
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
-            _sync(dev)
+            sync(dev)
             rates[name].append(steps * b / (time.perf_counter() - t0))
     out: dict = {k: {"median": statistics.median(r), "min": min(r), "max": max(r)}
                  for k, r in rates.items()}

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import transflow
 from transflow import Flow, Jet, TarFlow, build, checkpoints
+from transflow.atomic import atomic_open
 from transflow.checkpoints import (
-    atomic_open,
     load,
     parse_hub_path,
     push_to_hub,

@@ -98,12 +98,12 @@ def test_tarflow_blocks_are_causal(variant):
     t = model.tokens(x)
     for block in model.blocks:
         z0, _ = block(t, y)
-        z0 = block._order(z0)
+        z0 = block.order(z0)
         for j in range(c.tokens):
-            t2 = block._order(t).clone()
+            t2 = block.order(t).clone()
             t2[:, j] += torch.randn_like(t2[:, j])
-            z1, _ = block(block._order(t2), y)
-            z1 = block._order(z1)
+            z1, _ = block(block.order(t2), y)
+            z1 = block.order(z1)
             changed = (z1 - z0).abs().amax(dim=(0, 2)) > 0
             assert not changed[:j].any(), f"token {j} leaked into earlier outputs"
             assert changed[j], "the changed token itself must change"
@@ -232,7 +232,7 @@ def test_jet_scale_saturates_at_scale_factor():
     n_transformed = model.config.dims // 2
     torch.testing.assert_close(logdet, torch.full((3,), n_transformed * math.log(3.0),
                                                   dtype=torch.float64))
-    t, tz = model._tokens(x), model._tokens(z)
+    t, tz = model.tokens(x), model.tokens(z)
     perm = model.couplings[0].perm
     torch.testing.assert_close(tz[..., perm[half:]], 3 * t[..., perm[half:]])
     torch.testing.assert_close(tz[..., perm[:half]], t[..., perm[:half]], rtol=0, atol=0)

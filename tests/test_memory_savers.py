@@ -300,8 +300,8 @@ def test_reversible_function_directly():
     """``ReversibleCouplings.run`` on tokens equals the coupling loop, values and gradients."""
     model = make("jet", "cond")
     x, y = inputs(model)
-    y = model._check_labels(y, x.shape[0])
-    t = model._tokens(x).requires_grad_()
+    y = model.check_labels(y, x.shape[0])
+    t = model.tokens(x).requires_grad_()
     ref, ld_ref = t, 0
     for c in model.couplings:
         ref, ld = c(ref, y)

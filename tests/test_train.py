@@ -12,6 +12,7 @@ import torch
 
 import transflow.train as T
 from transflow import bits_per_dim, get_config
+from transflow.batches import mix_seed
 from transflow.cli import main
 from transflow.data import ImageData, load_data
 from transflow.flows import build
@@ -153,7 +154,7 @@ def test_training_bpd_equals_evaluation_bpd_on_the_same_noise(digits):
     loss_bpd = (float(loss) - math.log(2 / cfg.num_levels)) / math.log(2)
     # the evaluation helper, given the same integer images and the same uniform noise
     idx = T.batch_indices(0, 50, len(digits.x_train), tc.seed)
-    g = torch.Generator().manual_seed(T._seed(tc.seed, 0, 1))
+    g = torch.Generator().manual_seed(mix_seed(tc.seed, 0, 1))
     noise = torch.rand(x.shape, generator=g)
     k = digits.x_train[idx]
     torch.testing.assert_close((k.float() + noise) * (2 / 17) - 1, x)
@@ -212,7 +213,7 @@ def test_fine_tuning_starts_lower_than_scratch(tmp_path, digits):
     assert summary["test_bpd"] < scratch["test_bpd"] - 0.5
     from transflow.checkpoints import load
     pre, ft = load(tmp_path / "pre"), build(cfg)
-    T._init_from(ft, str(tmp_path / "pre"))
+    T.init_weights(ft, str(tmp_path / "pre"))
     for k, v in pre.state_dict().items():
         assert torch.equal(ft.state_dict()[k], v), k
 
@@ -222,7 +223,7 @@ def test_init_from_a_different_architecture_names_the_tensor(tmp_path, digits):
     train(cfg, digits, TrainConfig(steps=1, **FAST), tmp_path / "pre", progress=False)
     with pytest.raises(ValueError, match=r"tensor 'blocks.0.pos_embed' has shape \[16, 32\] "
                                          r"there but \[16, 64\] here"):
-        T._init_from(build(tiny_tarflow(digits, width=64, head_dim=16)), str(tmp_path / "pre"))
+        T.init_weights(build(tiny_tarflow(digits, width=64, head_dim=16)), str(tmp_path / "pre"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_mnist_npz_trains(tmp_path):
 def test_time_limit_fits_steps_and_caps_warmup():
     cfg = TrainConfig(steps=5000, warmup=200, time_limit=10.0)
     # 30 steps took 6 s: 5 steps/s; 0.9 * 600 s - 6 s left -> 2670 more steps
-    fitted = T._fit_steps_to_budget(cfg, 30, 30, 0.0, 6.0)
+    fitted = T.fit_steps_to_budget(cfg, 30, 30, 0.0, 6.0)
     assert fitted.steps == 30 + int((540 - 6) * 5) and fitted.warmup == 200
-    slow = T._fit_steps_to_budget(cfg, 30, 30, 0.0, 60.0)  # 0.5 steps/s -> 270 + 30 steps
+    slow = T.fit_steps_to_budget(cfg, 30, 30, 0.0, 60.0)  # 0.5 steps/s -> 270 + 30 steps
     assert slow.steps == 30 + 240 and slow.warmup == 27

@@ -57,6 +57,20 @@ def from_env() -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; any other name as given, checked: an
+    unknown or unavailable device is a one-line ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but this torch has no usable CUDA GPU")
+    return device
+
+
 def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group when started by ``torchrun`` with more than one process.
 
@@ -176,3 +190,16 @@ def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None
                  for k, v in s.items()}
         state[i] = s
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, concatenated in rank order when each is a list (a one-element
+    list of ``obj`` itself otherwise); in one process, ``obj`` as it is."""
+    if not info.enabled:
+        return list(obj) if isinstance(obj, list) else [obj]
+    parts: list[Any] = [None] * info.world
+    dist.all_gather_object(parts, obj)
+    out: list[Any] = []
+    for part in parts:
+        out.extend(part if isinstance(part, list) else [part])
+    return out

@@ -22,9 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import fid
+from .data import load_data, pil_to_array
 from .distributed import SINGLE, DistInfo, all_reduce_sum
 from .flows import Flow
-from .likelihood import bits_per_dim, dequantize_uniform
+from .images import levels_to_pixels
+from .likelihood import bits_per_dim, dequantize_uniform, unit_to_levels
+from .sampling import SampleOptions, draw
 
 ESTIMATORS = ("mean", "iw")
 
@@ -125,8 +129,6 @@ def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Ten
     levels ``[N, C, H, W]`` for ``model``: converted to its channels, centre-cropped and resized
     to its size, and 8-bit values mapped to its ``K`` levels by ``floor(v * K / 256)``.
     Returns the levels and a name per image."""
-    from .data import pil_to_array
-
     cfg = model.config
     arrays, names = [], []
     for p in map(Path, paths):
@@ -168,9 +170,6 @@ def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Ten
 def data_pixels(data_spec: str, split: str = "test", limit: int = 0) -> np.ndarray:
     """The images of a data set as 8-bit pixels ``uint8 [N, H, W, C]`` (levels of K-level data
     are spread over 0..255), for FID reference statistics."""
-    from .data import load_data
-    from .images import levels_to_pixels
-
     data = load_data(data_spec)
     x, _ = data.split(split)
     if limit:
@@ -178,39 +177,26 @@ def data_pixels(data_spec: str, split: str = "test", limit: int = 0) -> np.ndarr
     return levels_to_pixels(x, data.num_levels)
 
 
-def model_fid(model: Flow, reference, n: int, *, batch_size: int = 50, inception=None,
+def model_fid(model: Flow, reference: fid.FeatureStats, n: int,
+              options: SampleOptions | None = None, *, inception=None,
               device: str | torch.device = "cpu", progress: bool = False,
-              dist: DistInfo = SINGLE, **sample_kwargs) -> float:
+              dist: DistInfo = SINGLE) -> float:
     """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.fid.
-    FeatureStats`). Samples are drawn in batches with :func:`transflow.sampling.sample`
-    (``sample_kwargs``: guidance, temperature, denoise, method, seed, ...), quantized to the
-    model's levels and spread over 0..255, and streamed through the Inception network.
+    FeatureStats`). Samples are drawn with :func:`transflow.sampling.draw` (``options``: a
+    :class:`transflow.sampling.SampleOptions`), quantized to the model's levels and spread over
+    0..255, and streamed through the Inception network.
 
-    Under ``torchrun`` (``dist``) rank ``r`` draws batches ``r, r + world, ...`` (image ``i``
-    always has seed ``seed + i``, so the samples are those of one process) and the feature
-    statistics of the ranks are merged; every rank returns the FID."""
-    from tqdm.auto import tqdm
-
-    from . import fid
-    from .images import levels_to_pixels
-    from .likelihood import unit_to_levels
-    from .sampling import sample
-
+    Under ``torchrun`` (``dist``) every rank draws its share of the batches (the images are
+    those of one process) and the feature statistics of the ranks are merged; every rank returns
+    the FID."""
+    options = options or SampleOptions()
     net = fid.load_inception(inception, device=device)
     stats = fid.FeatureStats(fid.FEATURE_DIM)
-    seed = sample_kwargs.pop("seed", 0)
-    starts = list(range(0, n, batch_size))[dist.rank::dist.world]
-    for start in tqdm(starts, disable=not progress, desc="FID samples"):
-        count = min(batch_size, n - start)
-        y = sample_kwargs.get("y")
-        kw = dict(sample_kwargs)
-        if y is not None and not isinstance(y, int):
-            kw["y"] = y[start:start + count]
-        x = sample(model, count, seed=seed + start, **kw)
-        x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    for _, res in draw(model, n, options, dist=dist, progress=progress):
+        x = torch.nan_to_num(res.images, nan=0.0, posinf=1.0, neginf=-1.0)
         pixels = levels_to_pixels(unit_to_levels(x, model.config.num_levels),
                                   model.config.num_levels)
-        for f in fid.iter_features(pixels, net, batch_size, device):
+        for f in fid.iter_features(pixels, net, options.batch_size, device):
             stats.update(f)
     if dist.enabled:
         import torch.distributed as tdist

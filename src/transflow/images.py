@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .atomic import atomic_path
 
 
 def levels_to_pixels(levels: Tensor, num_levels: int) -> np.ndarray:
@@ -40,8 +41,5 @@ def save_png(image: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> No
     if upscale > 1:
         image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
     im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")

@@ -1,36 +1,19 @@
-"""The flow families. Each maps images to latents (``forward``) and back (``inverse``)."""
+"""The flow families, at the ground of the package: nothing here imports anything above it.
+
+Each family maps images to latents (``forward``) and back (``inverse``) with the interface of
+:class:`Flow`; a family registers itself when its module is imported.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from .base import Flow, FlowConfig
+from .base import Flow, FlowConfig, build, config_from_any, config_from_dict
+from .guidance import Guidance
 from .jet import Jet, JetConfig
 from .tarflow import TarFlow, TarFlowConfig
 
+#: family name -> (config class, model class)
 FAMILIES: dict[str, tuple[type[FlowConfig], type[Flow]]] = {
-    "tarflow": (TarFlowConfig, TarFlow),
-    "jet": (JetConfig, Jet),
-}
-
-
-def config_from_dict(d: dict[str, Any]) -> FlowConfig:
-    """Rebuild a config from :meth:`FlowConfig.to_dict` output (the ``"model"`` key picks it)."""
-    family = d.get("model")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model {family!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[family][0].from_dict(d)
-
-
-def build(config: FlowConfig | dict[str, Any]) -> Flow:
-    """Build a freshly initialised model from its config (or the config's dict)."""
-    if isinstance(config, dict):
-        config = config_from_dict(config)
-    for cfg_cls, model_cls in FAMILIES.values():
-        if type(config) is cfg_cls:
-            return model_cls(config)
-    raise ValueError(f"not a model config: {type(config).__name__}")
-
+    name: (cls.config_class, cls) for name, cls in Flow.registry.items()}
 
 __all__ = ["Flow", "FlowConfig", "TarFlow", "TarFlowConfig", "Jet", "JetConfig", "FAMILIES",
-           "build", "config_from_dict"]
+           "Guidance", "build", "config_from_dict", "config_from_any"]

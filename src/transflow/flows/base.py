@@ -12,12 +12,38 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..version import __version__
+from . import pretrained, sampler
+from .guidance import Guidance
+
 CHECKPOINTING = ("none", "block", "layer")
+
+
+def check_positive_ints(obj: Any, names: Sequence[str]) -> None:
+    """``ValueError`` unless every attribute ``names`` of ``obj`` is an integer >= 1."""
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_memory(checkpointing: str, reversible: bool) -> None:
+    """Validate the memory-saver settings (see :meth:`Flow.configure_memory`)."""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"unknown checkpointing {checkpointing!r}; expected one of "
+                         f"{CHECKPOINTING}")
+    if not isinstance(reversible, bool):
+        raise ValueError(f"reversible must be a bool, got {reversible!r}")
+    if reversible and checkpointing != "none":
+        raise ValueError("reversible=True already keeps no activations of the flow stack; "
+                         f"use it with checkpointing='none', not {checkpointing!r}")
 
 
 @dataclasses.dataclass
@@ -30,6 +56,13 @@ class FlowConfig:
     """
 
     family: ClassVar[str] = ""
+    #: family name -> config class, filled as the families are defined
+    registry: ClassVar[dict[str, type[FlowConfig]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.family:
+            FlowConfig.registry[cls.family] = cls
 
     image_size: int = 32
     channels: int = 3
@@ -79,11 +112,12 @@ class FlowConfig:
         """Number of data dimensions ``D = C * H * W``."""
         return self.channels * self.image_size ** 2
 
+    def forward_flops(self) -> int:
+        """Matrix-product FLOPs of one forward pass for one image (implemented per family)."""
+        raise NotImplementedError
+
     def _check_common(self) -> None:
-        for name in ("image_size", "channels", "patch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("image_size", "channels", "patch_size"))
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide image_size "
                              f"{self.image_size}")
@@ -100,15 +134,29 @@ class Flow(nn.Module):
 
     Labels are integers in ``[0, num_classes)``; ``-1`` (or ``y=None``) selects the unconditional
     (null-class) branch of a class-conditional model.
+
+    Every family implements ``forward`` and ``inverse`` with the same signatures; family-specific
+    work is a method here with a default the families override: :meth:`units` (the flow blocks,
+    for sharding and checkpointing), :meth:`update_prior` (after an optimizer step),
+    :meth:`plan` / :meth:`invert` (solver plans for the inverse), :meth:`check_guidance`.
     """
 
     config: FlowConfig
+    #: the family's config class (a subclass of :class:`FlowConfig`)
+    config_class: ClassVar[type[FlowConfig]]
+    #: family name -> model class, filled as the families are defined
+    registry: ClassVar[dict[str, type[Flow]]] = {}
 
     #: Memory savers for training (runtime settings, not part of the config, never saved); set
     #: with :meth:`configure_memory`.
     checkpointing: str = "none"
     reversible: bool = False
     supports_reversible: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "config_class" in cls.__dict__:
+            Flow.registry[cls.config_class.family] = cls
 
     def configure_memory(self, checkpointing: str = "none", reversible: bool = False) -> None:
         """Trade compute for activation memory in training-time forwards (grad enabled).
@@ -126,14 +174,7 @@ class Flow(nn.Module):
         Inference (no grad), :meth:`inverse` and sampling are unaffected. These are runtime
         attributes: they are not in :attr:`config` and not saved with the model.
         """
-        if checkpointing not in CHECKPOINTING:
-            raise ValueError(f"unknown checkpointing {checkpointing!r}; expected one of "
-                             f"{CHECKPOINTING}")
-        if not isinstance(reversible, bool):
-            raise ValueError(f"reversible must be a bool, got {reversible!r}")
-        if reversible and checkpointing != "none":
-            raise ValueError("reversible=True already keeps no activations of the flow stack; "
-                             f"use it with checkpointing='none', not {checkpointing!r}")
+        check_memory(checkpointing, reversible)
         if reversible and not self.supports_reversible:
             raise ValueError(f"{type(self).__name__} does not support reversible=True: its "
                              "inverse is sequential (one Transformer pass per token), so "
@@ -151,9 +192,53 @@ class Flow(nn.Module):
         """Data ``x [B, C, H, W]`` -> ``(z [B, C, H, W], logdet [B])``."""
         raise NotImplementedError
 
-    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """Latent ``z [B, C, H, W]`` -> data ``x [B, C, H, W]``."""
+    def inverse(self, z: Tensor, y: Tensor | None = None, *, guidance: Guidance | None = None,
+                attn_temp: float = 1.0) -> Tensor:
+        """Latent ``z [B, C, H, W]`` -> data ``x [B, C, H, W]``; ``guidance``: classifier-free
+        guidance (None: none); ``attn_temp``: attention temperature of the (conditional)
+        branch."""
         raise NotImplementedError
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """Image ``[B, C, H, W]`` -> the family's tokens ``[B, T, D]``."""
+        raise NotImplementedError
+
+    def image(self, t: Tensor) -> Tensor:
+        """Tokens ``[B, T, D]`` -> image ``[B, C, H, W]`` (inverse of :meth:`tokens`)."""
+        raise NotImplementedError
+
+    # -- family-specific work with defaults ------------------------------------------------------
+    def units(self) -> list[nn.Module]:
+        """The flow's blocks in forward order: one FSDP shard unit / checkpointing unit each."""
+        raise NotImplementedError
+
+    def update_prior(self, z: Tensor, momentum: float = 0.1, reduce: Any = None,
+                     batch: int | None = None) -> None:
+        """After an optimizer step: update a learned prior from the batch's latents ``z``
+        (``reduce`` sums over data-parallel ranks, ``batch`` is the global batch). The default
+        prior is fixed: nothing to do."""
+
+    def plan(self, method: str | Sequence[str] = "sequential", **options: Any
+             ) -> tuple[list[str] | None, Any]:
+        """The inversion plan for ``method`` and its measurement (see
+        :meth:`transflow.flows.TarFlow.plan`). A flow whose inverse is one parallel pass per
+        block has no plans: only ``sequential`` and ``auto`` are accepted, giving ``(None,
+        None)``."""
+        if method not in ("sequential", "auto"):
+            raise ValueError(f"method {method!r} applies to TarFlow; {type(self).__name__} "
+                             "inverts in one parallel pass per coupling (use 'sequential' or "
+                             "'auto')")
+        return None, None
+
+    def invert(self, z: Tensor, y: Tensor | None = None, *, plan: Any = None,
+               guidance: Guidance | None = None, attn_temp: float = 1.0, tol: float = 1e-4,
+               max_iters: int | None = None) -> tuple[Tensor, list[Any]]:
+        """:meth:`inverse` with a solver plan from :meth:`plan`, returning ``(x, per-block
+        solver statistics)``; the default has no plans and no statistics."""
+        return self.inverse(z, y, guidance=guidance, attn_temp=attn_temp), []
+
+    def check_guidance(self, guidance: Guidance | None) -> None:
+        """``ValueError`` if this family cannot apply ``guidance`` (all settings by default)."""
 
     # -- prior and density ----------------------------------------------------------------------
     def prior_var(self) -> Tensor | None:
@@ -179,49 +264,53 @@ class Flow(nn.Module):
         z, logdet = self(x, y)
         return self.prior_log_prob(z) + logdet
 
-    @torch.no_grad()
-    def sample(self, n: int, y: Tensor | None = None, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` images ``[n, C, H, W]``: ``z ~ N(0, temperature^2 * prior var)``, inverted."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        p = next(self.parameters())
-        c = self.config
-        z = torch.randn(n, c.channels, c.image_size, c.image_size, generator=generator,
-                        device=p.device, dtype=p.dtype) * temperature
-        var = self.prior_var()
-        if var is not None:
-            z = z * var.sqrt().to(z.dtype)
-        return self.inverse(z, y)
+    def sample(self, n: int, y: Tensor | int | Sequence[int] | None = None,
+               **options: Any) -> Tensor:
+        """Draw ``n`` images ``[n, C, H, W]`` (model range): the one sampler,
+        :func:`transflow.flows.sampler.sample` (``options``: temperature, guidance, method,
+        denoise, seed or generator, ...)."""
+        return sampler.sample(self, n, y=y, **options)
 
-    # -- pretrained layout (implemented in transflow.checkpoints, imported on use) -------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``directory/config.json`` and ``directory/model.safetensors``."""
-        from ..checkpoints import save_pretrained
-
-        save_pretrained(self, directory)
+    # -- the pretrained layout (config.json + model.safetensors) ---------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, *,
+                        ema_state_dict: Mapping[str, Tensor] | None = None) -> None:
+        """Write ``directory/config.json`` and ``directory/model.safetensors``;
+        ``ema_state_dict`` (a subset of the names is fine) replaces the model's tensors in the
+        file, so the saved model is the EMA model."""
+        sd = dict(self.state_dict())
+        if ema_state_dict is not None:
+            sd = with_ema(sd, ema_state_dict, "ema_state_dict")
+        metadata = {"format": "pt", "library": "transflow", "version": __version__,
+                    "model": self.config.family,
+                    "weights": "raw" if ema_state_dict is None else "ema"}
+        pretrained.write(directory, self.config.to_json(), sd, metadata)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Flow:
-        """Load with :func:`transflow.load`; ``ValueError`` if it is not a ``cls`` model."""
-        from ..checkpoints import load
-
-        model = load(path, **kwargs)
+    def from_pretrained(cls, path: str | os.PathLike, *,
+                        device: str | torch.device = "cpu") -> Flow:
+        """A model in the pretrained layout: a directory, either of its files, or
+        ``hf://owner/name[@revision]``. ``ValueError`` if it is not a ``cls`` model.
+        (:func:`transflow.load` also reads training runs and checkpoints.)"""
+        config_dict, tensors, source = pretrained.read(path)
+        config = config_from_any(config_dict, str(Path(source).parent / pretrained.CONFIG_NAME))
+        model = from_state_dict(config, tensors, source, device)
         if not isinstance(model, cls):
             raise ValueError(f"{path} holds a {type(model).__name__} model, not {cls.__name__}")
         return model
 
-    # -- input checks shared by both families --------------------------------------------------
-    def _check_input(self, x: Tensor, y: Tensor | None) -> Tensor | None:
+    # -- input checks shared by every family -----------------------------------------------------
+    def check_input(self, x: Tensor, y: Tensor | None) -> Tensor | None:
         """Validate ``x`` and ``y``; return ``y`` with ``-1`` mapped to the null-class index."""
         c = self.config
         want = (c.channels, c.image_size, c.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"expected input of shape [B, {want[0]}, {want[1]}, {want[2]}], "
                              f"got {list(x.shape)}")
-        return self._check_labels(y, x.shape[0])
+        return self.check_labels(y, x.shape[0])
 
-    def _check_labels(self, y: Tensor | None, batch: int) -> Tensor | None:
+    def check_labels(self, y: Tensor | None, batch: int) -> Tensor | None:
+        """Validate labels ``[batch]`` (None: unconditional); return them on the model's device
+        with ``-1`` mapped to the null-class index ``num_classes``."""
         k = self.config.num_classes
         if y is None:
             return None if k == 0 else torch.full((batch,), k, dtype=torch.long,
@@ -243,3 +332,110 @@ class Flow(nn.Module):
                                  f"(use 0..{k - 1}, or -1 for unconditional)")
         y = y.to(device=next(self.parameters()).device, dtype=torch.long)
         return torch.where(y < 0, torch.full_like(y, k), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs and models by family
+# ---------------------------------------------------------------------------------------------
+def config_from_dict(d: dict[str, Any]) -> FlowConfig:
+    """Rebuild a config from :meth:`FlowConfig.to_dict` output (the ``"model"`` key picks it)."""
+    family = d.get("model")
+    if family not in FlowConfig.registry:
+        raise ValueError(f"unknown model {family!r}; expected one of "
+                         f"{sorted(FlowConfig.registry)}")
+    return FlowConfig.registry[family].from_dict(d)
+
+
+def config_from_any(d: Any, source: str) -> FlowConfig:
+    """A config from a ``to_dict()`` mapping, or one ``ValueError`` naming ``source``."""
+    if not isinstance(d, Mapping) or d.get("model") not in FlowConfig.registry:
+        raise ValueError(f"{source} is not a transflow config (it needs a 'model' field naming "
+                         f"one of {sorted(FlowConfig.registry)})")
+    try:
+        return config_from_dict(dict(d))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source} is not a valid {d['model']} config: {e}") from None
+
+
+def build(config: FlowConfig | dict[str, Any]) -> Flow:
+    """Build a freshly initialised model from its config (or the config's dict)."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    if not isinstance(config, FlowConfig) or not config.family:
+        raise ValueError(f"not a model config: {type(config).__name__}")
+    return Flow.registry[config.family](config)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def strip_prefix(sd: Mapping[str, Any], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")
+                 ) -> dict[str, Any]:
+    """Drop a DDP / torch.compile prefix shared by every key."""
+    sd = dict(sd)
+    for prefix in prefixes:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def with_ema(sd: Mapping[str, Tensor], ema: Mapping[str, Tensor], source: str
+             ) -> dict[str, Tensor]:
+    """``sd`` with the EMA tensors ``ema`` (same names, a subset is fine; prefixes and
+    ``n_averaged`` dropped) in place of its own; ``ValueError`` naming ``source`` for a name or
+    shape ``sd`` lacks."""
+    ema = strip_prefix({k: v for k, v in ema.items() if k != "n_averaged"})
+    unknown = sorted(set(ema) - set(sd))
+    if unknown:
+        raise ValueError(f"{source}: the EMA weights have tensor(s) the model lacks: "
+                         f"{_names(unknown)}")
+    for k, v in ema.items():
+        if tuple(v.shape) != tuple(sd[k].shape):
+            raise ValueError(f"{source}: EMA tensor {k!r} has shape {list(v.shape)} but "
+                             f"{list(sd[k].shape)} in the model")
+    return {**sd, **ema}
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, Tensor],
+                     source: str) -> None:
+    """``ValueError`` unless ``got`` has exactly the names and shapes of ``expected``."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s) {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s) {_names(unexpected)}")
+        raise ValueError(f"{source} does not match the model: {'; '.join(parts)}")
+    for k, shape in expected.items():
+        if tuple(got[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: tensor {k!r} has shape {list(got[k].shape)} in the file "
+                             f"but {list(shape)} in the model")
+
+
+def empty_model(config: FlowConfig) -> Flow:
+    """The model of ``config`` with its tensors on the meta device (no memory, no random init)."""
+    with torch.device("meta"):
+        return build(config)
+
+
+def from_state_dict(config: FlowConfig, state_dict: Mapping[str, Tensor], source: str,
+                    device: str | torch.device | None = None) -> Flow:
+    """The model of ``config`` holding exactly ``state_dict``'s tensors (assigned, not copied:
+    no second copy of the weights, no random initialisation), in eval mode. Names and shapes are
+    checked first; a mismatch is a ``ValueError`` naming the first offending tensor."""
+    model = empty_model(config)
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict,
+                     source)
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # non-persistent buffers are not in a state dict: build them for real
+        real = build(config)
+        real.load_state_dict(dict(state_dict), strict=True)
+        model = real
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

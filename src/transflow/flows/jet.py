@@ -14,8 +14,9 @@ Then ``x2 <- (x2 + bias(x1)) * s`` with ``s = sigmoid(raw(x1)) * scale_factor`` 
 are zero-initialised, so at initialisation ``s = 1``, ``bias = 0``: the exact identity.
 
 The inverse is one parallel pass per coupling, ``x2 = z2 / s - bias``. With guidance (see
-:class:`transflow.sampling.Guidance`) the conditioner runs once on ``2B`` rows (conditional, then
-unconditional: null class and/or attention temperature) and its outputs are combined first.
+:class:`transflow.flows.guidance.Guidance`) the conditioner runs once on ``2B`` rows
+(conditional, then unconditional: null class and/or attention temperature) and its outputs are
+combined first.
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .base import Flow, FlowConfig
-from .layers import TransformerLayer, gelu_mode, upcast
+from .base import Flow, FlowConfig, check_positive_ints
+from .guidance import Guidance
+from .layers import TransformerLayer, gelu_mode, layer_flops, upcast
 from .patching import patchify, unpatchify
-
-if TYPE_CHECKING:
-    from ..sampling import Guidance
 
 COUPLING_KINDS = ("channels", "spatial")
 SPATIAL_MASKS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
@@ -68,10 +67,7 @@ class JetConfig(FlowConfig):
         self.kinds = list(self.kinds)
         self.spatial_masks = list(self.spatial_masks)
         self._check_common()
-        for name in ("couplings", "block_depth", "width", "heads", "mlp_ratio"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("couplings", "block_depth", "width", "heads", "mlp_ratio"))
         if self.width % self.heads:
             raise ValueError(f"heads {self.heads} does not divide width {self.width}")
         if not self.kinds:
@@ -94,6 +90,14 @@ class JetConfig(FlowConfig):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if not self.scale_factor > 0:
             raise ValueError(f"scale_factor must be > 0, got {self.scale_factor!r}")
+
+    def forward_flops(self) -> int:
+        """Matrix-product FLOPs of one forward pass for one image (see :mod:`transflow.flops`):
+        every coupling's conditioner on all ``T`` tokens, bidirectional attention."""
+        t, half, w = self.tokens, self.token_dim // 2, self.width
+        per = 2 * t * half * w + 2 * t * w * 2 * half
+        per += self.block_depth * layer_flops(t, w, self.mlp_ratio, t * t)
+        return self.couplings * per
 
     def coupling_plan(self) -> list[tuple[str, str | None]]:
         """``(kind, spatial mask or None)`` for each coupling, in forward order."""
@@ -169,14 +173,14 @@ class Coupling(nn.Module):
         self.null_class = cfg.num_classes  # label index of the learned null class
         self.conditioner = ViTConditioner(cfg)
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, t, d = x.shape
         if self.kind == "channels":
             return x[..., self.perm].chunk(2, dim=-1)
         x1, x2 = x[:, self.perm].chunk(2, dim=1)  # [B, T/2, D] each
         return x1.reshape(b, t, d // 2), x2.reshape(b, t, d // 2)
 
-    def _join(self, x1: Tensor, x2: Tensor) -> Tensor:
+    def join(self, x1: Tensor, x2: Tensor) -> Tensor:
         b, t, h = x1.shape
         out = torch.empty(b, t, 2 * h, dtype=x1.dtype, device=x1.device)
         if self.kind == "channels":
@@ -204,28 +208,33 @@ class Coupling(nn.Module):
                 checkpoint_layers: bool = False) -> tuple[Tensor, Tensor]:
         """Tokens ``[B, T, D]`` -> ``(tokens [B, T, D], logdet [B])``; ``checkpoint_layers``:
         see :class:`ViTConditioner`."""
-        x1, x2 = self._split(x)
+        x1, x2 = self.split(x)
         bias, scale, log_scale = self._params(x1, y, checkpoint_layers)
         x2 = ((x2 + bias) * scale).to(x.dtype)
-        return self._join(x1, x2), log_scale.flatten(1).sum(1)
+        return self.join(x1, x2), log_scale.flatten(1).sum(1)
 
-    def inverse(self, z: Tensor, y: Tensor | None, guidance: Guidance | None = None) -> Tensor:
-        z1, z2 = self._split(z)
+    def inverse(self, z: Tensor, y: Tensor | None, guidance: Guidance | None = None,
+                attn_temp: float = 1.0) -> Tensor:
+        """Tokens ``[B, T, D]`` of the latent side -> this coupling's input; ``attn_temp``: the
+        attention temperature of the (conditional) conditioner pass."""
+        z1, z2 = self.split(z)
         if guidance is None:
-            bias, scale, _ = self._params(z1, y)
-            return self._join(z1, self._unapply(z2, bias, scale))
+            bias, raw = self.conditioner(z1, y, attn_temp)
+            scale, _ = self._scale(raw)
+            return self.join(z1, self._unapply(z2, bias, scale))
         # guided: conditional rows [:n] and unconditional rows [n:] in one conditioner pass;
         # the combined update is written x2 = z2 * exp(a) + mu (a = -log s, mu = -bias)
         n = z.shape[0]
         y2 = None if y is None else torch.cat([y, torch.full_like(y, self.null_class)])
-        temp: float | Tensor = 1.0
-        if guidance.attn_temp != 1.0:
-            temp = torch.cat([torch.ones(n, dtype=z.dtype, device=z.device),
+        temp: float | Tensor = attn_temp
+        if guidance.attn_temp != attn_temp:
+            temp = torch.cat([torch.full((n,), float(attn_temp), dtype=z.dtype,
+                                         device=z.device),
                               torch.full((n,), float(guidance.attn_temp), dtype=z.dtype,
                                          device=z.device)])
         bias, raw = self.conditioner(torch.cat([z1, z1]), y2, temp)
         a, mu = guidance.combine_jet(bias[:n], raw[:n], bias[n:], raw[n:], self.log_factor)
-        return self._join(z1, (z2 * torch.exp(a) + mu).to(z.dtype))
+        return self.join(z1, (z2 * torch.exp(a) + mu).to(z.dtype))
 
     def rebuild(self, z: Tensor, y: Tensor | None,
                 conditioner: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]] | None
@@ -237,18 +246,18 @@ class Coupling(nn.Module):
         ``z2`` are those of the forward.
 
         Returns ``(x1, x2, out, logdet)``: the rebuilt input halves as leaves (requiring grad if
-        ``input_grad``; the input is ``_join(x1, x2)``) and the forward's outputs as functions
+        ``input_grad``; the input is ``join(x1, x2)``) and the forward's outputs as functions
         of them and of the parameters. ``conditioner``: this coupling's conditioner (default),
         or a stand-in computing the same, e.g. on other parameter tensors."""
         cond = self.conditioner if conditioner is None else conditioner
-        z1, z2 = self._split(z)
+        z1, z2 = self.split(z)
         x1 = z1.detach().requires_grad_(input_grad)
         bias, raw = cond(x1, y)
         scale, log_scale = self._scale(raw)
         with torch.no_grad():
             x2 = self._unapply(z2, bias, scale)
         x2.requires_grad_(input_grad)
-        out = self._join(x1, ((x2 + bias) * scale).to(z.dtype))
+        out = self.join(x1, ((x2 + bias) * scale).to(z.dtype))
         return x1, x2, out, log_scale.flatten(1).sum(1)
 
 
@@ -339,7 +348,7 @@ class ReversibleCouplings(torch.autograd.Function):
                          if inputs else ())
             if need_x:
                 g1, g2 = next(grads), next(grads)
-                g = c._join(torch.zeros_like(x1) if g1 is None else g1,
+                g = c.join(torch.zeros_like(x1) if g1 is None else g1,
                             torch.zeros_like(x2) if g2 is None else g2)
             for k, w in enumerate(want):
                 if w:
@@ -347,7 +356,7 @@ class ReversibleCouplings(torch.autograd.Function):
             if not need_x:
                 g = None
                 break
-            t = c._join(x1.detach(), x2.detach())
+            t = c.join(x1.detach(), x2.detach())
         return None, None, g, *param_grads
 
 
@@ -362,6 +371,7 @@ class Jet(Flow):
     one coupling alive at a time, gradients equal up to float rounding).
     """
 
+    config_class = JetConfig
     supports_reversible = True
 
     def __init__(self, config: JetConfig):
@@ -378,19 +388,24 @@ class Jet(Flow):
             couplings.append(Coupling(config, kind, perm))
         self.couplings = nn.ModuleList(couplings)
 
-    def _tokens(self, x: Tensor) -> Tensor:
+    def units(self) -> list[nn.Module]:
+        return list(self.couplings)
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """Image ``[B, C, H, W]`` -> tokens ``[B, T, D]`` (NHWC order inside a patch)."""
         return patchify(x, self.config.patch_size, "ppc")
 
-    def _image(self, t: Tensor) -> Tensor:
+    def image(self, t: Tensor) -> Tensor:
+        """Tokens ``[B, T, D]`` -> image ``[B, C, H, W]``."""
         c = self.config
         return unpatchify(t, c.channels, c.image_size, c.image_size, c.patch_size, "ppc")
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        y = self._check_input(x, y)
-        t = self._tokens(x)
+        y = self.check_input(x, y)
+        t = self.tokens(x)
         if self.reversible and torch.is_grad_enabled():
             t, logdet = ReversibleCouplings.run(self.couplings, t, y)
-            return self._image(t), logdet
+            return self.image(t), logdet
         logdet = upcast(x.new_zeros(x.shape[0]))
         mode = self._checkpoint_mode()
         for coupling in self.couplings:
@@ -399,14 +414,20 @@ class Jet(Flow):
             else:
                 t, ld = coupling(t, y, checkpoint_layers=mode == "layer")
             logdet = logdet + ld
-        return self._image(t), logdet
+        return self.image(t), logdet
 
-    def inverse(self, z: Tensor, y: Tensor | None = None,
-                guidance: Guidance | None = None) -> Tensor:
-        """Latent ``z [B, C, H, W]`` -> data, one parallel pass per coupling; ``guidance``
-        (classifier-free, on the conditioners' outputs) is optional."""
-        y = self._check_input(z, y)
-        t = self._tokens(z)
+    def inverse(self, z: Tensor, y: Tensor | None = None, *, guidance: Guidance | None = None,
+                attn_temp: float = 1.0) -> Tensor:
+        """Latent ``z [B, C, H, W]`` -> data, one parallel pass per coupling (differentiable);
+        ``guidance`` (classifier-free, on the conditioners' outputs) is optional,
+        ``attn_temp`` is the attention temperature of the (conditional) branch."""
+        y = self.check_input(z, y)
+        t = self.tokens(z)
         for coupling in reversed(self.couplings):
-            t = coupling.inverse(t, y, guidance)
-        return self._image(t)
+            t = coupling.inverse(t, y, guidance, attn_temp)
+        return self.image(t)
+
+    def check_guidance(self, guidance: Guidance | None) -> None:
+        if guidance is not None and guidance.anneal:
+            raise ValueError("anneal ramps guidance along TarFlow's token sequence; Jet has no "
+                             "sequence")

@@ -97,3 +97,10 @@ def gelu_mode(name: str) -> str:
 def upcast(t: Tensor) -> Tensor:
     """fp16/bf16 -> fp32 (log-determinants and affine maps are kept at least in fp32)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def layer_flops(tokens: int, width: int, mlp_ratio: int, pairs: int) -> int:
+    """Matrix-product FLOPs of one pre-norm Transformer layer on ``tokens`` tokens: QKV, output
+    projection, MLP, and ``pairs`` query-key pairs of attention (2 FLOPs per multiply-add)."""
+    dense = 3 * width * width + width * width + 2 * width * width * mlp_ratio
+    return 2 * tokens * dense + 2 * 2 * pairs * width

@@ -12,43 +12,34 @@ and learns a per-dimension prior variance instead. STARFlow options: per-block l
 (deep-shallow), a softplus scale ``exp(a) -> softplus(a + ln(e-1))`` (1 at ``a = 0``), soft
 clipping ``a -> c * tanh(a / c)``, and a final LayerNorm before the output projection.
 
-Inverting a block solves the triangular system ``x_{t+1} = z_{t+1} exp(a_t(x_<=t)) + mu_t(x_<=t)``.
-:meth:`TarFlowBlock.solve` does it three ways (a *plan* per block):
-
-- ``sequential``: one token per step through the Transformer with a key/value cache (exact);
-- ``jacobi``: from ``x^0 = z``, update every token at once from the previous iterate,
-  ``x^k_{t+1} = z_{t+1} exp(a_t(x^{k-1}_<=t)) + mu_t(x^{k-1}_<=t)``, until
-  ``max_t |x^k - x^{k-1}| < tol`` (exact after ``T - 1`` iterations: the first ``k + 1``
-  tokens are exact after ``k``);
-- ``gs:<G>`` (GS-Jacobi): the ``T - 1`` inputs split into ``G`` segments solved in order, Jacobi
-  inside each, attending to the cached keys/values of the earlier segments.
-
-Guidance (see :class:`transflow.sampling.Guidance`) runs the conditional and unconditional
-branches as one Transformer pass over ``2B`` rows and combines ``(a, mu)`` with ``(a_u, mu_u)``
-before each update.
+Inverting a block solves the triangular system ``x_{t+1} = z_{t+1} exp(a_t(x_<=t)) + mu_t(x_<=t)``;
+:meth:`TarFlow.inverse` does it token by token with a key/value cache (exact), and
+:mod:`transflow.flows.solvers` holds the parallel plans (Jacobi, GS-Jacobi) and the planner, which
+work through the block's public API (:meth:`TarFlowBlock.transformer`, :meth:`~TarFlowBlock.affine`,
+:meth:`~TarFlowBlock.order`, :meth:`~TarFlowBlock.make_caches`). Guidance
+(:class:`transflow.flows.guidance.Guidance`) runs the conditional and unconditional branches as one
+Transformer pass over ``2B`` rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Flow, FlowConfig
-from .layers import KVCache, TransformerLayer, gelu_mode, upcast
+from . import solvers
+from .base import Flow, FlowConfig, check_positive_ints
+from .guidance import Guidance
+from .layers import KVCache, TransformerLayer, gelu_mode, layer_flops, upcast
 from .patching import patchify, unpatchify
 
-if TYPE_CHECKING:
-    from ..sampling import Guidance
-
 SCALES = ("exp", "softplus")
-PLAN_KINDS = ("sequential", "jacobi", "gs:<segments>")
-JACOBI_BOUND = 1e6  # Jacobi iterates are clamped to +-this (see TarFlowBlock._solve_jacobi)
 _SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1
 
 
@@ -75,10 +66,7 @@ class TarFlowConfig(FlowConfig):
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
         self._check_common()
-        for name in ("width", "blocks", "head_dim", "mlp_ratio"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("width", "blocks", "head_dim", "mlp_ratio"))
         if self.width % self.head_dim:
             raise ValueError(f"head_dim {self.head_dim} does not divide width {self.width}")
         counts = self.layers if isinstance(self.layers, list) else [self.layers]
@@ -98,6 +86,17 @@ class TarFlowConfig(FlowConfig):
 
     def layers_per_block(self) -> list[int]:
         return list(self.layers) if isinstance(self.layers, list) else [self.layers] * self.blocks
+
+    def forward_flops(self) -> int:
+        """Matrix-product FLOPs of one forward pass for one image (see :mod:`transflow.flops`):
+        ``T - 1`` tokens per block, ``T (T - 1) / 2``-ish causal query-key pairs."""
+        t, d, w = self.tokens - 1, self.token_dim, self.width  # T - 1 tokens are used
+        out = 2 * d if self.nvp else d
+        total = 0
+        for layers in self.layers_per_block():
+            total += 2 * t * d * w + 2 * t * w * out
+            total += layers * layer_flops(t, w, self.mlp_ratio, t * (t + 1) // 2)
+        return total
 
 
 class TarFlowBlock(nn.Module):
@@ -128,7 +127,7 @@ class TarFlowBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def _order(self, t: Tensor) -> Tensor:
+    def order(self, t: Tensor) -> Tensor:
         """Image token order <-> this block's order (an involution); works on ``[B, T, .]``."""
         return t.flip(1) if self.reverse else t
 
@@ -182,7 +181,7 @@ class TarFlowBlock(nn.Module):
                 checkpoint_layers: bool = False) -> tuple[Tensor, Tensor]:
         """Data-side tokens ``[B, T, D]`` -> ``(latent-side tokens [B, T, D], logdet [B])``;
         ``checkpoint_layers``: see :meth:`transformer`."""
-        x = self._order(x)
+        x = self.order(x)
         log_s, mu = self.affine(self.transformer(x[:, :-1], y,
                                                  checkpoint_layers=checkpoint_layers))
         rest = x[:, 1:] - mu
@@ -192,239 +191,14 @@ class TarFlowBlock(nn.Module):
             rest = rest * torch.exp(-log_s)
             logdet = -log_s.flatten(1).sum(1)
         z = torch.cat([x[:, :1], rest.to(x.dtype)], dim=1)
-        return self._order(z), logdet
+        return self.order(z), logdet
 
-    # -- inverse (latent -> data) ----------------------------------------------------------------
-    @torch.no_grad()
-    def inverse(self, z: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
-                guidance: Guidance | None = None) -> Tensor:
-        """Latent-side tokens ``[B, T, D]`` -> data-side tokens, sequentially over the tokens
-        with a preallocated key/value cache (one token through the Transformer per step)."""
-        return self.solve(z, y, attn_temp, guidance)[0]
-
-    @torch.no_grad()
-    def solve(self, z: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
-              guidance: Guidance | None = None, plan: str = "sequential", tol: float = 1e-4,
-              max_iters: int | None = None) -> tuple[Tensor, SolveStats]:
-        """Invert this block: latent-side tokens ``z [B, T, D]`` (image token order) -> data-side
-        tokens ``[B, T, D]``, with the solver ``plan`` (``sequential``, ``jacobi`` or
-        ``gs:<segments>``) and statistics.
-
-        ``y [B]``: labels with the null class already mapped (or None); ``attn_temp``: attention
-        temperature of the (conditional) branch; ``guidance``: classifier-free guidance or None.
-        Iterative plans stop a row once ``max |x^k - x^{k-1}| < tol`` on it, or after
-        ``max_iters`` iterations per segment (default: the segment length, which is exact)."""
-        t = z.shape[1]
-        segments = plan_segments(plan, t)
-        ctx = InverseContext.build(self, y, attn_temp, guidance, z.shape[0], t)
-        z = self._order(z)
-        if segments == t - 1:  # one token per segment: exact in one pass each, nothing to check
-            x = z.clone()
-            caches = self._caches(ctx.rows, t - 1, z)
-            for i in range(t - 1):
-                self.inverse_step(x, z, i, ctx, caches)
-            stats = SolveStats(plan, passes=t - 1, work=1.0, converged=True,
-                               segment_iters=[1] * (t - 1))
-        else:
-            x, stats = self._solve_jacobi(z, ctx, segments, tol, max_iters)
-            stats.plan = plan
-        return self._order(x), stats
-
-    def _caches(self, rows: int, length: int, like: Tensor) -> list[KVCache]:
+    def make_caches(self, rows: int, length: int, like: Tensor) -> list[KVCache]:
+        """Empty key/value caches (one per layer) for ``rows`` sequences of ``length`` tokens, on
+        ``like``'s device, in the weights' dtype."""
         dtype = self.proj_in.weight.dtype
         return [KVCache(rows, self.heads, length, self.head_dim, like.device, dtype)
                 for _ in self.layers]
-
-    def _guided_affine(self, x: Tensor, ctx: InverseContext, caches: list[KVCache] | None,
-                       start: int, idx: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-        """``(a, mu)`` ``[B', L, D]`` predicted from the inputs ``x [B', L, D]`` at positions
-        ``start..start+L-1`` (block order), guided when ``ctx.guidance`` is set: the Transformer
-        then runs once on ``2B'`` rows, ``[x; x]``, conditional rows first. ``idx``: which of the
-        ``B`` rows ``x`` holds (None: all)."""
-        cls, temp = ctx.transformer_rows(idx)
-        g = ctx.guidance
-        rows = x if g is None else torch.cat([x, x])
-        a, mu = self.affine(self.transformer(rows, None, temp, caches, start, pos=ctx.pos,
-                                             cls=cls))
-        if g is None:
-            return a, mu
-        n, w = x.shape[0], ctx.weights[start:start + x.shape[1]].view(1, -1, 1)
-        a_c, a_u = (None, None) if a is None else (a[:n], a[n:])
-        return g.combine(a_c, mu[:n], a_u, mu[n:], w)
-
-    def inverse_step(self, x: Tensor, z: Tensor, i: int, ctx: InverseContext,
-                     caches: list[KVCache]) -> None:
-        """One sequential step (block order, in place): ``x_{i+1} = z_{i+1} exp(a_i) + mu_i``
-        from the token ``x_i`` and the cached keys/values of ``x_<i``."""
-        a, mu = self._guided_affine(x[:, i:i + 1], ctx, caches, i)
-        nxt = z[:, i + 1:i + 2]
-        if a is not None:
-            nxt = nxt * torch.exp(a)
-        x[:, i + 1:i + 2] = nxt + mu
-
-    def _solve_jacobi(self, z: Tensor, ctx: InverseContext, segments: int, tol: float,
-                      max_iters: int | None) -> tuple[Tensor, SolveStats]:
-        """Jacobi (``segments == 1``) or GS-Jacobi on block-order tokens ``z [B, T, D]``.
-
-        Rows converge independently (so a row's result does not depend on the rest of the
-        batch): plain Jacobi drops converged rows from the pass; GS-Jacobi keeps computing them
-        (their cached keys/values must stay complete) with their values frozen, and once every
-        row has stopped short of exactness, one more pass rewrites the segment's keys/values
-        from the final values, so later segments attend to exactly the prefix returned.
-
-        Iterates are kept finite and within ``+-JACOBI_BOUND``: far from the solution an iterate
-        can overflow, and a NaN key or value would reach *earlier* positions through the
-        attention (masked weights are 0, but ``0 * NaN = NaN``). Exactness is unaffected: the
-        exact prefix of a sensible model lies well inside the bound."""
-        b, t, _ = z.shape
-        x = z.clone()  # x^0 = z
-        bounds = [round(j * (t - 1) / segments) for j in range(segments + 1)]
-        caches = None if segments == 1 else self._caches(ctx.rows, t - 1, z)
-        passes, work, seg_iters, converged = 0, 0, [], True
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            n = e - s
-            limit = n if max_iters is None else min(n, max_iters)
-            active = torch.ones(b, dtype=torch.bool, device=z.device)
-            idx: Tensor | None = None  # rows still computed (Jacobi only; None = all)
-            k = 0
-            for k in range(1, limit + 1):
-                xs = x[:, s:e] if idx is None else x[idx, s:e]
-                zs = z[:, s + 1:e + 1] if idx is None else z[idx, s + 1:e + 1]
-                a, mu = self._guided_affine(xs, ctx, caches, s, idx)
-                new = _bounded((zs if a is None else zs * torch.exp(a)) + mu)
-                passes, work = passes + 1, work + xs.shape[0] * n
-                if k == n:  # the whole segment is exact now
-                    if idx is None:
-                        x[:, s + 1:e + 1] = torch.where(active.view(-1, 1, 1), new.to(x.dtype),
-                                                        x[:, s + 1:e + 1])
-                    else:
-                        x[idx, s + 1:e + 1] = new.to(x.dtype)
-                    break
-                old = x[:, s + 1:e + 1] if idx is None else x[idx, s + 1:e + 1]
-                delta = (new - old).abs().flatten(1).amax(1)
-                moving = ~(delta < tol)  # NaN counts as not converged
-                if caches is None:  # Jacobi: keep x^k, drop the converged rows
-                    if idx is None:
-                        x[:, s + 1:e + 1] = new.to(x.dtype)
-                        idx = torch.arange(b, device=z.device)[moving]
-                    else:
-                        x[idx, s + 1:e + 1] = new.to(x.dtype)
-                        idx = idx[moving]
-                    if idx.numel() == 0:
-                        break
-                else:  # GS: rows keep x^k and freeze once converged
-                    x[:, s + 1:e + 1] = torch.where(active.view(-1, 1, 1), new.to(x.dtype), old)
-                    active = active & moving
-                    if not bool(active.any()):
-                        break
-            else:
-                converged = converged and limit == n
-            seg_iters.append(k)
-            if caches is not None and k < n and e < t - 1:
-                # the cache holds keys/values of x^{k-1}: rewrite them from the final x^k
-                self._guided_affine(x[:, s:e], ctx, caches, s)
-                passes, work = passes + 1, work + b * n
-        return x, SolveStats("", passes=passes, work=work / (b * (t - 1)), converged=converged,
-                             segment_iters=seg_iters)
-
-
-def _bounded(x: Tensor) -> Tensor:
-    """Replace NaN by 0 and clamp to ``+-JACOBI_BOUND`` (``1e4`` for 16-bit floats)."""
-    bound = JACOBI_BOUND if torch.finfo(x.dtype).bits > 16 else 1e4
-    return torch.nan_to_num(x, nan=0.0).clamp_(-bound, bound)
-
-
-def plan_segments(plan: str, tokens: int) -> int:
-    """Number of segments of a block plan for ``tokens`` tokens: ``sequential`` -> ``T - 1``
-    (one token each), ``jacobi`` -> 1, ``gs:<G>`` -> ``G`` (``1 <= G <= T - 1``)."""
-    if plan == "sequential":
-        return tokens - 1
-    if plan == "jacobi":
-        return 1
-    if isinstance(plan, str) and plan.startswith("gs:"):
-        try:
-            g = int(plan[3:])
-        except ValueError:
-            g = 0
-        if 1 <= g <= tokens - 1:
-            return g
-        raise ValueError(f"bad plan {plan!r}: gs:<segments> needs 1 <= segments <= "
-                         f"{tokens - 1} (the number of tokens minus one)")
-    raise ValueError(f"unknown block plan {plan!r}; expected one of {', '.join(PLAN_KINDS)}")
-
-
-@dataclasses.dataclass
-class SolveStats:
-    """How one block was inverted. ``passes``: Transformer calls; ``work``: tokens run through
-    the Transformer, in units of one full pass over the batch (sequential: 1.0);
-    ``segment_iters``: iterations per segment; ``converged``: every segment met ``tol`` or ran to
-    exactness (False when ``max_iters`` cut it short)."""
-
-    plan: str
-    passes: int
-    work: float
-    converged: bool
-    segment_iters: list[int] = dataclasses.field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def iterations(self) -> int:
-        """Total iterations over the segments (sequential: ``T - 1``, Jacobi: its iterations)."""
-        return sum(self.segment_iters)
-
-
-class InverseContext:
-    """Per-block inputs of an inversion, computed once: block-order positional embeddings, class
-    embeddings and attention temperatures of the Transformer rows (``B`` conditional rows, then
-    ``B`` unconditional ones when guided) and the guidance weight of every step ``[T-1]``."""
-
-    def __init__(self, pos: Tensor, cls_c: Tensor | None, cls_u: Tensor | None,
-                 temp_c: float | Tensor,
-                 guidance: Guidance | None, weights: Tensor | None, batch: int):
-        self.pos, self.cls_c, self.cls_u, self.temp_c = pos, cls_c, cls_u, temp_c
-        self.guidance, self.weights, self.batch = guidance, weights, batch
-        self.rows = batch if guidance is None else 2 * batch
-        self._full = self._make_rows(None)
-
-    @classmethod
-    def build(cls, block: TarFlowBlock, y: Tensor | None, attn_temp: float | Tensor,
-              guidance: Guidance | None, batch: int, tokens: int) -> InverseContext:
-        pos = block.ordered_pos_embed()
-        cls_c = cls_u = None
-        if block.class_embed is not None:
-            if y is None:
-                raise ValueError("a class-conditional block needs labels (null class mapped)")
-            cls_c = block.class_embed[y].unsqueeze(1)
-            cls_u = block.class_embed[-1:].unsqueeze(1)  # the learned null class
-        weights = None
-        if guidance is not None:
-            dtype = torch.promote_types(pos.dtype, torch.float32)  # that of (a, mu)
-            weights = guidance.step_weights(tokens - 1).to(pos.device, dtype)
-        return cls(pos, cls_c, cls_u, attn_temp, guidance, weights, batch)
-
-    def _make_rows(self, idx: Tensor | None) -> tuple[Tensor | None, float | Tensor]:
-        cls_c = self.cls_c if self.cls_c is None or idx is None else self.cls_c[idx]
-        temp_c = self.temp_c
-        if isinstance(temp_c, Tensor) and idx is not None:
-            temp_c = temp_c[idx]
-        if self.guidance is None:
-            return cls_c, temp_c
-        n = self.batch if idx is None else idx.numel()
-        cls = None if cls_c is None else torch.cat([cls_c, self.cls_u.expand(n, -1, -1)])
-        temp_u = self.guidance.attn_temp
-        if not isinstance(temp_c, Tensor):
-            if temp_u == temp_c:
-                return cls, temp_c
-            temp_c = torch.full((n,), float(temp_c), device=self.pos.device,
-                                dtype=self.pos.dtype)
-        temp_u = torch.full((n,), float(temp_u), device=self.pos.device, dtype=temp_c.dtype)
-        return cls, torch.cat([temp_c.to(self.pos.device), temp_u])
-
-    def transformer_rows(self, idx: Tensor | None = None) -> tuple[Tensor | None,
-                                                                   float | Tensor]:
-        """Class embeddings ``[R, 1, W]`` (or None) and attention temperature (float or ``[R]``)
-        of the Transformer rows for batch rows ``idx`` (None: all)."""
-        return self._full if idx is None else self._make_rows(idx)
 
 
 class TarFlow(Flow):
@@ -435,6 +209,7 @@ class TarFlow(Flow):
     every Transformer layer's input instead. ``reversible`` is not supported.
     """
 
+    config_class = TarFlowConfig
     prior_var_tokens: Tensor
 
     def __init__(self, config: TarFlowConfig):
@@ -447,6 +222,9 @@ class TarFlow(Flow):
             # VP: learned per-dimension prior variance, token layout [T, D]
             self.register_buffer("prior_var_tokens", torch.ones(config.tokens, config.token_dim))
 
+    def units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def tokens(self, x: Tensor) -> Tensor:
         """Image ``[B, C, H, W]`` -> tokens ``[B, T, D]``."""
         return patchify(x, self.config.patch_size, "cpp")
@@ -456,20 +234,29 @@ class TarFlow(Flow):
         c = self.config
         return unpatchify(t, c.channels, c.image_size, c.image_size, c.patch_size, "cpp")
 
+    # -- prior -----------------------------------------------------------------------------
     def prior_var(self) -> Tensor | None:
         if self.config.nvp:
             return None
         return self.image(self.prior_var_tokens.unsqueeze(0))[0]
 
     @torch.no_grad()
-    def update_prior(self, z: Tensor, momentum: float = 0.1) -> None:
-        """VP only: move the prior variance toward the batch mean of z^2 (``z [B, C, H, W]``)."""
-        if not self.config.nvp:
+    def update_prior(self, z: Tensor, momentum: float = 0.1, reduce: Any = None,
+                     batch: int | None = None) -> None:
+        """VP only: move the prior variance toward the batch mean of ``z^2`` (``z [B, C, H,
+        W]``). Under data parallelism ``reduce`` sums a tensor over the ranks and ``batch`` is
+        the global batch size, so the mean is that of the global batch."""
+        if self.config.nvp:
+            return
+        if reduce is None:
             z2 = self.tokens(upcast(z.detach())).pow(2).mean(0)
-            self.prior_var_tokens.lerp_(z2.to(self.prior_var_tokens.dtype), momentum)
+        else:
+            z2 = reduce(self.tokens(z.detach().float()).pow(2).sum(0)) / batch
+        self.prior_var_tokens.lerp_(z2.to(self.prior_var_tokens.dtype), momentum)
 
+    # -- the two directions ----------------------------------------------------------------
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        y = self._check_input(x, y)
+        y = self.check_input(x, y)
         t = self.tokens(x)
         logdet = upcast(x.new_zeros(x.shape[0]))
         mode = self._checkpoint_mode()
@@ -482,10 +269,32 @@ class TarFlow(Flow):
         return self.image(t), logdet
 
     @torch.no_grad()
-    def inverse(self, z: Tensor, y: Tensor | None = None, attn_temp: float = 1.0) -> Tensor:
-        """Exact inverse, token by token in every block (runs without autograd)."""
-        y = self._check_input(z, y)
-        t = self.tokens(z)
-        for block in reversed(self.blocks):
-            t = block.inverse(t, y, attn_temp)
-        return self.image(t)
+    def inverse(self, z: Tensor, y: Tensor | None = None, *, guidance: Guidance | None = None,
+                attn_temp: float = 1.0) -> Tensor:
+        """Exact inverse, token by token in every block with a key/value cache (no autograd).
+        ``guidance``: classifier-free guidance; ``attn_temp``: attention temperature of the
+        (conditional) branch."""
+        return self.invert(z, y, plan="sequential", guidance=guidance, attn_temp=attn_temp)[0]
+
+    def plan(self, method: str | Sequence[str] = "sequential", *,
+             segments: int = solvers.DEFAULT_SEGMENTS, batch_size: int = 64,
+             y: Tensor | None = None, guidance: Guidance | None = None,
+             tol: float = solvers.DEFAULT_TOL, max_iters: int | None = None
+             ) -> tuple[list[str], solvers.AutoPlan | None]:
+        """The per-block inversion plan for ``method`` (see :func:`solvers.resolve_plan`;
+        ``"auto"`` measures one for batches of ``batch_size`` with :func:`solvers.auto_plan`).
+        Returns the plan (model order) and the measurement (None unless ``auto``)."""
+        if method == "auto":
+            auto = solvers.auto_plan(self, batch_size, y=y, guidance=guidance, tol=tol,
+                                     max_iters=max_iters)
+            return auto.plan, auto
+        return solvers.resolve_plan(self, method, segments), None
+
+    def invert(self, z: Tensor, y: Tensor | None = None, *,
+               plan: str | Sequence[str] = "sequential", guidance: Guidance | None = None,
+               attn_temp: float = 1.0, tol: float = solvers.DEFAULT_TOL,
+               max_iters: int | None = None) -> tuple[Tensor, list[solvers.SolveStats]]:
+        """Latent ``z [B, C, H, W]`` -> ``(x, per-block stats)`` with a per-block ``plan``
+        (:func:`transflow.flows.solvers.invert_tarflow`)."""
+        return solvers.invert_tarflow(self, z, y, plan=plan, guidance=guidance,
+                                      attn_temp=attn_temp, tol=tol, max_iters=max_iters)

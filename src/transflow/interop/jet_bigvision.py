@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoints import PathLike, config_from_any, model_from_state_dict
-from ..flows import Jet, JetConfig
+from ..atomic import PathLike, atomic_open
+from ..flows import Jet, JetConfig, config_from_any
+from ..flows.base import from_state_dict as model_from_state_dict
 
 PREFIX = "couplings/dnn/"
 CHANNEL_MASKS = "channel_coupling_masks-FREEZE_ME"
@@ -289,8 +290,6 @@ def save_bigvision(model: Jet, path: PathLike, *, write_config: bool = True) -> 
     """Write :func:`jet_to_bigvision` as an uncompressed ``.npz`` (atomically) and, with
     ``write_config``, the big_vision-style config as :func:`config_sidecar` (``PATH.config.json``)
     beside it."""
-    from ..checkpoints import atomic_open
-
     params = jet_to_bigvision(model)
     path = Path(path)
     with atomic_open(path, "wb") as f:

@@ -31,14 +31,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoints import (
-    PathLike,
-    check_state_dict,
-    empty_model,
-    model_from_state_dict,
-    read_state_dict,
-)
+from ..atomic import PathLike, atomic_open
+from ..checkpoints import read_state_dict
 from ..flows import TarFlow, TarFlowConfig
+from ..flows.base import check_state_dict, empty_model
+from ..flows.base import from_state_dict as model_from_state_dict
 
 # ours -> original, for the tensors inside blocks.i.layers.j (blocks.i.attn_blocks.j)
 _LAYER_NAMES = {
@@ -285,8 +282,6 @@ def tarflow_to_original(model: TarFlow) -> dict[str, Tensor]:
 
 def save_original(model: TarFlow, path: PathLike) -> Path:
     """Write :func:`tarflow_to_original` as a ``.pth`` (``torch.save``), atomically."""
-    from ..checkpoints import atomic_open
-
     sd = tarflow_to_original(model)
     path = Path(path)
     with atomic_open(path, "wb") as f:

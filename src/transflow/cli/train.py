@@ -1,20 +1,22 @@
-"""``transflow train`` on the command line: its flags, preset and override resolution, and the
-summary it prints. The training itself is :func:`transflow.train.train`."""
+"""``transflow train``: its flags, preset and override resolution, and the summary it prints.
+The training itself is :func:`transflow.train.train`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import distributed as dist_
-from .data import ImageData, load_data
-from .flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig
-from .presets import PRESETS, get_config
-from .train import CHECKPOINT, TrainConfig, check_writable, train
+from .. import distributed as dist_
+from ..data import ImageData, load_data
+from ..flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig, config_from_any
+from ..presets import PRESETS, get_config, get_preset
+from ..recipe import TrainConfig
+from ..rundir import RunDir
+from ..train import train
+from .options import add_options, given_options
 
 
 def _model_fields() -> dict[str, dataclasses.Field]:
@@ -43,13 +45,32 @@ def _parse_field(name: str, text: str, example: Any) -> Any:
     return text
 
 
-_TRAIN_HELP = {
-    "parallel": "under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2: sharded weights, gradients "
-                "and optimizer state)",
-    "checkpointing": "activation checkpointing: 'none', 'block' (per flow block / coupling) or "
-                     "'layer' (per Transformer layer)",
-    "reversible": "Jet: rebuild each coupling's input from its output in the backward instead "
-                  "of storing activations",
+MODEL_HELP = {
+    "image_size": "image height and width (an image folder is resized to it; other data fix it)",
+    "channels": "image channels (an image folder is converted to it; other data fix it)",
+    "patch_size": "patch side P: tokens are P x P x C values",
+    "num_classes": "classes (0: unconditional; set by the data)",
+    "num_levels": "grey levels K of the data (set by the data)",
+    "noise_std": "Gaussian noise the model is trained with (--dequant gaussian) and denoised by",
+    "width": "Transformer width",
+    "blocks": "TarFlow: flow blocks",
+    "layers": "TarFlow: Transformer layers per block, one count or one per block (8,2,2,2)",
+    "head_dim": "TarFlow: attention head dimension",
+    "mlp_ratio": "MLP hidden width / width",
+    "nvp": "TarFlow: affine (--nvp) or volume-preserving (--no-nvp, learned prior variance)",
+    "scale": "TarFlow: scale function, exp or softplus (STARFlow)",
+    "soft_clip": "TarFlow: soft-clip log-scales to +-C with C tanh(a / C) (0: off)",
+    "final_norm": "TarFlow: LayerNorm before each block's output projection",
+    "norm_eps": "LayerNorm epsilon",
+    "gelu": "GELU variant: exact or tanh",
+    "couplings": "Jet: affine couplings",
+    "block_depth": "Jet: Transformer layers per conditioner",
+    "heads": "Jet: attention heads",
+    "kinds": "Jet: coupling kinds repeated over the couplings (channels,spatial)",
+    "spatial_masks": "Jet: spatial masks in turn (checkerboard, vstripes, hstripes, each also "
+                     "-inv)",
+    "scale_factor": "Jet: scales are sigmoid(.) x this",
+    "perm_seed": "Jet: seed of the channel permutations",
 }
 
 
@@ -73,29 +94,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unconditional", action="store_true",
                    help="ignore the data's labels (train an unconditional model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tg = p.add_argument_group("training options")
-    example = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        v = getattr(example, f.name)
-        extra = _TRAIN_HELP.get(f.name, "")
-        if isinstance(v, bool):
-            tg.add_argument(flag, dest=f"train_{f.name}", action=argparse.BooleanOptionalAction,
-                            default=None, help=extra or None)
-        else:
-            tg.add_argument(flag, dest=f"train_{f.name}", type=type(v), default=None,
-                            metavar=type(v).__name__.upper(),
-                            help=f"{extra + ' ' if extra else ''}(default {v})")
+    add_options(p.add_argument_group("training options (override the preset)"), TrainConfig,
+                prefix="train_", track_given=True)
     mg = p.add_argument_group("model options (override the preset)")
     examples = {**dataclasses.asdict(JetConfig()), **dataclasses.asdict(TarFlowConfig())}
     for name in _model_fields():
         flag = "--" + name.replace("_", "-")
         if isinstance(examples[name], bool):
             mg.add_argument(flag, dest=f"model_{name}", action=argparse.BooleanOptionalAction,
-                            default=None)
+                            default=None, help=MODEL_HELP[name])
         else:
             mg.add_argument(flag, dest=f"model_{name}", default=None, metavar="V",
-                            help="comma-separated list" if name in _LIST_FIELDS else None)
+                            help=MODEL_HELP[name])
 
 
 def resolve_configs(args: argparse.Namespace, data: ImageData
@@ -106,9 +116,8 @@ def resolve_configs(args: argparse.Namespace, data: ImageData
     if preset is None:
         family = family or "tarflow"
         preset = f"{family}-digits" if data.name == "digits" else f"{family}-small"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
-    preset_family = PRESETS[preset]["model"]
+    chosen = get_preset(preset)
+    preset_family = chosen.model.family
     if family and family != preset_family:
         raise ValueError(f"preset {preset!r} is a {preset_family} config, not {family}")
     family = preset_family
@@ -134,11 +143,7 @@ def resolve_configs(args: argparse.Namespace, data: ImageData
         raise ValueError(f"--image-size {overrides['image_size']} differs from the data's "
                          f"{data.image_size}; resize image folders with --image-size at load")
     model_cfg = get_config(preset, **overrides)
-    train_kw = dict(PRESETS[preset].get("train", {}))
-    for f in dataclasses.fields(TrainConfig):
-        val = getattr(args, f"train_{f.name}")
-        if val is not None:
-            train_kw[f.name] = val
+    train_kw = chosen.train.to_dict() | given_options(args, TrainConfig, "train_")
     return model_cfg, TrainConfig.from_dict(train_kw)
 
 
@@ -149,19 +154,17 @@ _RESUME_OVERRIDES = ("steps", "device", "amp", "compile", "parallel", "checkpoin
 def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``transflow train``: resolve the configs, train, print the summary paragraph."""
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.exists():
-            raise ValueError(f"--resume {run_dir}: no config.json there (not a run directory)")
-        saved = json.loads(cfg_path.read_text())
-        from .flows import config_from_dict
-
-        model_cfg = config_from_dict(saved["model"])
+        run = RunDir(args.resume)
+        saved = run.read_config()
+        model_cfg = config_from_any(saved["model"], f"{run.config_path} (model)")
         train_kw = saved["train"]
         for name in _RESUME_OVERRIDES:  # how to run may change on resume, not what is trained
             if getattr(args, f"train_{name}") is not None:
                 train_kw[name] = getattr(args, f"train_{name}")
-        cfg = TrainConfig.from_dict(train_kw)
+        try:
+            cfg = TrainConfig.from_dict(train_kw)
+        except TypeError as e:
+            raise ValueError(f"{run.config_path}: bad 'train' section ({e})") from None
         spec = saved["data"]["spec"]
         data = load_data(spec, image_size=model_cfg.image_size, strict=args.strict)
     else:
@@ -171,16 +174,16 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
                          strict=args.strict)
         model_cfg, cfg = resolve_configs(args, data)
         spec = args.data
-        run_dir = Path(args.out or f"runs/{model_cfg.family}-{Path(data.name).name}")
-        if (run_dir / CHECKPOINT).exists() or (run_dir / "model").exists():
-            raise ValueError(f"run directory {run_dir} already holds a run; use --resume "
-                             f"{run_dir} to continue it or --out to start a new one")
+        run = RunDir(args.out or f"runs/{model_cfg.family}-{Path(data.name).name}")
+        if run.holds_run():
+            raise ValueError(f"run directory {run.path} already holds a run; use --resume "
+                             f"{run.path} to continue it or --out to start a new one")
     progress = not args.no_progress
     main_rank = dist_.from_env().main  # under torchrun only rank 0 talks
     if main_rank:
-        check_writable(run_dir)
+        run.check_writable()
         print(f"transflow train: {model_cfg.family} on {data.describe()}", file=sys.stderr)
-    summary = train(model_cfg, data, cfg, run_dir, data_spec=spec, resume=bool(args.resume),
+    summary = train(model_cfg, data, cfg, run.path, data_spec=spec, resume=bool(args.resume),
                     init_from=args.init_from, progress=progress)
     if main_rank:
         print(_summary_text(summary, model_cfg))

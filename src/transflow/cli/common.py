@@ -1,0 +1,54 @@
+"""Flags and helpers shared by the commands that load a model and draw from it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..checkpoints import load
+from ..distributed import resolve_device
+from ..flows import Flow
+from ..sampling import SampleOptions
+from .errors import UsageError
+from .options import add_options
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_OR_RUN",
+                   help="a pretrained directory, a training run, a checkpoint or hf://owner/name")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when available), cpu, cuda, cuda:N "
+                        "(default auto)")
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar")
+
+
+def add_sampling(p: argparse.ArgumentParser, n: int) -> None:
+    """``--n`` and every :class:`~transflow.sampling.SampleOptions` flag."""
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=n,
+                   help=f"number of images (default {n}; spell it --num-samples under "
+                        "torchrun, whose own flags make --n ambiguous)")
+    add_options(p.add_argument_group("sampling options"), SampleOptions)
+
+
+def load_model(path: str, device: str) -> Flow:
+    return load(path, device=resolve_device(device)).eval()
+
+
+def check_output_location(target: str | os.PathLike) -> None:
+    """Fail before any work if ``target`` (a directory to create or write into) cannot be
+    written; creates nothing."""
+    probe = Path(target).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write to {target}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {target}: {probe} is not writable")

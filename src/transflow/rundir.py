@@ -1,0 +1,252 @@
+"""A training run directory: the one reader and writer of its files.
+
+::
+
+    RUN/config.json          resolved model, training and data configs
+    RUN/metrics.jsonl        one strict-JSON line per log/eval step
+    RUN/samples/NAME.png     sample grids of the EMA model
+    RUN/checkpoint.pt        resumable state (+ checkpoint.prev.pt, the one before)
+    RUN/model/               the final EMA model in the pretrained layout
+
+Every file is written atomically (:mod:`transflow.atomic`). A training checkpoint carries a
+CRC-32 digest of its contents and every read verifies it (:func:`read_checkpoint`): resuming,
+sampling, evaluating and scoring all read checkpoints through :class:`RunDir`, so a corrupted
+file is refused (or, when the previous checkpoint is intact, replaced by it with a warning),
+never used. The final model's safetensors file carries its own digest
+(:mod:`transflow.flows.pretrained`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_path, json_line, write_json, write_text
+from .flows import Flow, FlowConfig, config_from_any
+from .flows.base import from_state_dict, strip_prefix, with_ema
+from .flows.pretrained import WEIGHTS_NAME, digest
+from .torchfile import is_state_dict, torch_load_safe
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint.prev.pt"
+MODEL = "model"
+SAMPLES = "samples"
+
+PathLike = str | os.PathLike
+
+
+# ---------------------------------------------------------------------------------------------
+# training checkpoint files
+# ---------------------------------------------------------------------------------------------
+def read_checkpoint(path: PathLike) -> dict[str, Any]:
+    """A transflow training checkpoint, verified: read without unpickling code, its digest
+    checked (when it has one), ``model`` and ``model_config`` present. ``ValueError`` (one
+    sentence naming the file) otherwise."""
+    path = Path(path)
+    ckpt = torch_load_safe(path)
+    if not isinstance(ckpt, Mapping) or "model_config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a transflow training checkpoint (it needs "
+                         f"'model_config' and 'model' entries)")
+    ckpt = dict(ckpt)
+    stored = ckpt.pop("digest", None)
+    if stored is not None and stored != digest(ckpt):
+        raise ValueError(f"{path} is corrupt: its contents do not match the checksum stored "
+                         "with them")
+    if not is_state_dict(ckpt["model"]):
+        raise ValueError(f"{path}: 'model' is not a state dict")
+    if ckpt.get("ema") is not None and not is_state_dict(ckpt["ema"]):
+        raise ValueError(f"{path}: 'ema' is neither None nor a state dict")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], source: str,
+                          device: str | torch.device | None = "cpu") -> Flow:
+    """The model of a checkpoint read by :func:`read_checkpoint`: its EMA weights when it has
+    them, else the raw weights (eval mode)."""
+    config = config_from_any(ckpt["model_config"], f"{source} (model_config)")
+    sd = strip_prefix(ckpt["model"])
+    if ckpt.get("ema") is not None:
+        sd = with_ema(sd, ckpt["ema"], source)
+    return from_state_dict(config, sd, source, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run directory
+# ---------------------------------------------------------------------------------------------
+class RunDir:
+    """The files of one training run (see the module docstring for the layout)."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- layout --------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def prev_checkpoint_path(self) -> Path:
+        return self.path / PREV_CHECKPOINT
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL
+
+    def sample_path(self, name: str) -> Path:
+        return self.path / SAMPLES / name
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.exists() or self.prev_checkpoint_path.exists()
+
+    def has_model(self) -> bool:
+        return (self.model_dir / WEIGHTS_NAME).exists()
+
+    def holds_run(self) -> bool:
+        """A run was started here (a checkpoint or a final model exists)."""
+        return self.checkpoint_path.exists() or self.model_dir.exists()
+
+    @staticmethod
+    def is_run(path: PathLike) -> bool:
+        """``path`` is a run directory (a checkpoint or a final model in it)."""
+        p = Path(path)
+        return p.is_dir() and (RunDir(p).has_checkpoint() or RunDir(p).has_model())
+
+    def check_writable(self) -> None:
+        """``ValueError`` unless the directory can be created and written."""
+        probe = self.path / ".write_test"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"run directory {self.path} is not writable "
+                             f"({e.strerror or e})") from e
+
+    # -- config.json ---------------------------------------------------------------------------
+    def write_config(self, resolved: Mapping[str, Any]) -> None:
+        write_json(self.config_path, dict(resolved))
+
+    def read_config(self) -> dict[str, Any]:
+        """``config.json``, checked to hold the model, training and data sections."""
+        p = self.config_path
+        if not p.is_file():
+            raise ValueError(f"{self.path} is not a run directory: it has no {CONFIG}")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p} does not hold a JSON object")
+        for key in ("model", "train", "data"):
+            if not isinstance(d.get(key), dict):
+                raise ValueError(f"{p} lacks the '{key}' section of a run config (it needs "
+                                 "'model', 'train' and 'data' objects)")
+        if not isinstance(d["data"].get("spec"), str):
+            raise ValueError(f"{p}: 'data' has no 'spec' string naming the training data")
+        return d
+
+    def model_config(self) -> FlowConfig:
+        return config_from_any(self.read_config()["model"], f"{self.config_path} (model)")
+
+    def data_spec(self) -> str:
+        return self.read_config()["data"]["spec"]
+
+    # -- metrics.jsonl -------------------------------------------------------------------------
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one strict-JSON line (non-finite numbers written as ``null``)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json_line(dict(record)) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past ``step`` (written after the checkpoint a resume starts from)
+        and lines cut by a crash."""
+        p = self.metrics_path
+        if not p.exists():
+            return
+        keep = []
+        for line in p.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(rec, dict) and rec.get("step", 0) <= step and not rec.get("final"):
+                keep.append(line)
+        write_text(p, "".join(line + "\n" for line in keep))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Write ``state`` (with its digest) as the new ``checkpoint.pt``; the current one
+        becomes ``checkpoint.prev.pt`` only once the new file is complete on disk."""
+        path = self.checkpoint_path
+        state = dict(state, digest=digest(dict(state)))
+
+        def rotate() -> None:
+            if path.exists():
+                os.replace(path, self.prev_checkpoint_path)
+
+        try:
+            with atomic_path(path, before_replace=rotate) as tmp, open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+        except OSError as e:
+            raise ValueError(f"could not write checkpoint {path} ({e.strerror or e}); the "
+                             "previous checkpoint is intact") from e
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The newest verified checkpoint (:func:`read_checkpoint`). When ``checkpoint.pt`` is
+        unreadable or corrupt and ``checkpoint.prev.pt`` is intact, that one is used with a
+        warning; a file that would need unpickling code is refused outright. ``ValueError``
+        when none can be used."""
+        newest, prev = self.checkpoint_path, self.prev_checkpoint_path
+        if not newest.exists() and not prev.exists():
+            raise ValueError(f"no training checkpoint in {self.path}")
+        if not newest.exists():
+            return read_checkpoint(prev)
+        try:
+            return read_checkpoint(newest)
+        except ValueError as e:
+            if str(e).startswith("refusing to unpickle"):
+                raise
+            problem = f"checkpoint unreadable: {e}"
+            if not prev.exists():
+                raise ValueError(problem) from None
+        try:
+            ckpt = read_checkpoint(prev)
+        except ValueError as e2:
+            raise ValueError(f"{problem}; {prev} is unreadable too ({e2})") from None
+        warnings.warn(f"{problem}; loading the previous checkpoint {prev} instead",
+                      stacklevel=2)
+        return ckpt
+
+    # -- the final model -----------------------------------------------------------------------
+    def save_model(self, model: Flow, ema_state_dict: Mapping[str, Any] | None = None) -> None:
+        model.save_pretrained(self.model_dir, ema_state_dict=ema_state_dict)
+
+    def load_model(self, device: str | torch.device = "cpu") -> Flow:
+        """The run's final ``model/`` when training finished, else the newest checkpoint's
+        (EMA) weights; both verified."""
+        if self.has_model():
+            return Flow.from_pretrained(self.model_dir, device=device)
+        source = self.checkpoint_path if self.checkpoint_path.exists() else \
+            self.prev_checkpoint_path
+        return model_from_checkpoint(self.load_checkpoint(), str(source), device)
