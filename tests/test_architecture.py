@@ -162,3 +162,46 @@ def test_sample_and_eval_fid_share_their_sampling_flags():
     assert sample["--device"][1] == "auto"
     names = {f.name for f in __import__("dataclasses").fields(SampleOptions)}
     assert {sample[f][0] for f in shared if f not in ("--device", "--num-samples")} == names
+
+
+def test_both_families_share_the_flow_interface():
+    import inspect
+
+    import torch
+
+    from transflow import Jet, TarFlow
+    from transflow.flows import Guidance
+    from transflow.flows.solvers import invert_tarflow
+
+    from conftest import jet_config, perturb, tarflow_config
+
+    for name in ("forward", "inverse", "sample", "log_prob", "invert", "plan", "units"):
+        sig = {str(inspect.signature(getattr(c, name))) for c in (TarFlow, Jet)}
+        if name in ("forward", "inverse", "log_prob", "sample"):
+            assert len(sig) == 1, (name, sig)
+    g = Guidance(1.5, attn_temp=0.7)
+    torch.manual_seed(0)
+    for model in (perturb(TarFlow(tarflow_config(num_classes=3)), std=0.03),
+                  perturb(Jet(jet_config(num_classes=3)), std=0.03)):
+        z = torch.randn(2, 1, 8, 8)
+        y = torch.tensor([0, 2])
+        x = model.inverse(z, y, guidance=g, attn_temp=0.9)
+        assert x.shape == z.shape and torch.isfinite(x).all()
+        assert not torch.equal(x, model.inverse(z, y))  # guidance and temperature act
+        assert len(model.units()) == (model.config.blocks if isinstance(model, TarFlow)
+                                      else model.config.couplings)
+        if isinstance(model, TarFlow):  # the exact inverse is the solvers' sequential plan
+            assert torch.equal(x, invert_tarflow(model, z, y, guidance=g, attn_temp=0.9)[0])
+
+
+def test_presets_are_typed():
+    from transflow import PRESETS
+    from transflow.flows import FlowConfig
+    from transflow.presets import Preset
+    from transflow.recipe import TrainConfig
+
+    for name, p in PRESETS.items():
+        assert isinstance(p, Preset) and p.name == name
+        assert isinstance(p.model, FlowConfig) and isinstance(p.train, TrainConfig)
+    assert PRESETS["tarflow-digits"].train.lr == 5e-3
+    assert PRESETS["tarflow-imagenet64"].train == TrainConfig()

@@ -317,3 +317,69 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_damage_nothing(tmp_path, capsys
     assert after == before, "a failed command changed or created files"
     assert not (tmp_path / "hacked").exists()
     assert len(cases) == 14
+
+
+# ---------------------------------------------------------------------------------------------
+# corrupted files: every command that reads a run verifies what it reads
+# ---------------------------------------------------------------------------------------------
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _snapshot(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run with one checkpoint (no checkpoint.prev.pt) and its final model/."""
+    from transflow.cli import main
+
+    root = tmp_path_factory.mktemp("finished")
+    run = root / "run"
+    assert main(["train", "--out", str(run), "--steps", "4", "--checkpoint-every", "500",
+                 "--eval-images", "50", "--no-progress", *TINY]) == 0
+    assert (run / "checkpoint.pt").exists() and not (run / "checkpoint.prev.pt").exists()
+    from PIL import Image
+    import numpy as np
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "img.png")
+    return run
+
+
+def _corrupt_copy(finished_run: Path, tmp_path: Path, keep_model: bool) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.copy(finished_run.parent / "img.png", tmp_path / "img.png")
+    if keep_model:
+        _flip_middle_byte(run / "model" / "model.safetensors")
+    else:
+        shutil.rmtree(run / "model")  # as an unfinished run
+        _flip_middle_byte(run / "checkpoint.pt")
+    return run
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "model"])
+def test_corrupted_run_is_refused_by_every_command(finished_run, tmp_path, capsys, where):
+    from transflow.cli import main
+
+    run = _corrupt_copy(finished_run, tmp_path, keep_model=where == "model")
+    commands = {
+        "sample": ["sample", str(run), "-o", str(tmp_path / "s.png"), "--n", "2"],
+        "eval bpd": ["eval", "bpd", str(run), "--limit", "10"],
+        "score": ["score", str(run), str(tmp_path / "img.png")],
+        "train --resume": ["train", "--resume", str(run), "--steps", "8", "--no-progress"],
+    }
+    if where == "model":
+        del commands["train --resume"]  # resuming reads the (intact) checkpoint, not model/
+    before = _snapshot(tmp_path)
+    for name, argv in commands.items():
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, (name, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
+        assert "corrupt" in err, (name, err)
+    assert _snapshot(tmp_path) == before, "a refused command changed files"

@@ -143,8 +143,7 @@ def shard(model: nn.Module) -> None:
     """FSDP2-shard ``model`` in place: each flow block / coupling is one unit, then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    units = getattr(model, "blocks", None) or getattr(model, "couplings", None) or []
-    for unit in units:
+    for unit in model.units():
         fully_shard(unit)
     fully_shard(model)
 

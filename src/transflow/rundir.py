@@ -229,7 +229,8 @@ class RunDir:
                 raise
             problem = f"checkpoint unreadable: {e}"
             if not prev.exists():
-                raise ValueError(problem) from None
+                raise ValueError(f"{e} (and there is no {PREV_CHECKPOINT} to fall back to)"
+                                 ) from None
         try:
             ckpt = read_checkpoint(prev)
         except ValueError as e2:

@@ -271,79 +271,45 @@ class Trainer:
         summary. SIGTERM or Ctrl-C save a checkpoint and exit (143 / 130)."""
         from tqdm.auto import tqdm
 
-        cfg, info, state = self.cfg, self.info, self.state
-        budget = TimeBudget(cfg.time_limit, state.step, state.elapsed)
-        bar = tqdm(total=cfg.steps, initial=state.step, disable=not (self.progress and info.main),
-                   unit="step", dynamic_ncols=True, mininterval=0.5)
-        window_t, consecutive_bad, interrupted = time.perf_counter(), 0, None
+        info, state = self.info, self.state
+        budget = TimeBudget(self.cfg.time_limit, state.step, state.elapsed)
+        self.bar = tqdm(total=self.cfg.steps, initial=state.step, unit="step",
+                        disable=not (self.progress and info.main), dynamic_ncols=True,
+                        mininterval=0.5)
+        self.window_t, self.consecutive_bad, interrupted = time.perf_counter(), 0, None
         self.model.train()
         with _StopRequest() as stop:
             try:
-                while state.step < cfg.steps:
+                while state.step < self.cfg.steps:
                     if stop.requested and not info.enabled:  # ranks agree via the reduction
                         interrupted = "SIGTERM"
                         break
                     # -- Schedule and batch -------------------------------------------------
-                    lr = learning_rate(state.step, cfg)
+                    lr = learning_rate(state.step, self.cfg)
                     for group in self.opt.param_groups:
                         group["lr"] = lr
-                    x, y = make_batch(self.x_train, self.data.y_train, state.step, cfg,
+                    x, y = make_batch(self.x_train, self.data.y_train, state.step, self.cfg,
                                       self.model_config, self.device)
                     x = dist_.shard_rows(x, info)  # this rank's slice of the global batch
                     y = None if y is None else dist_.shard_rows(y, info)
 
-                    # -- Optimizer step -----------------------------------------------------
+                    # -- Optimizer step (skipped when not finite) ---------------------------
                     out = self.train_step(x, y, stop.requested,
                                           info.main and budget.out_of_time(state.step))
-                    if not out.finite:  # skipped: the weights are unchanged
-                        state.bad_steps += 1
-                        consecutive_bad += 1
-                        self.log({"step": state.step + 1, "skipped": "non-finite loss or "
-                                  "gradient", "bad_steps": state.bad_steps})
-                        if consecutive_bad >= cfg.max_bad_steps:
-                            raise ValueError(
-                                f"training stopped: {consecutive_bad} consecutive steps with a "
-                                f"non-finite loss or gradient at step {state.step + 1}; the "
-                                f"last good checkpoint is {self.run.checkpoint_path} (try a "
-                                "lower --lr)")
-                        state.step += 1
-                        bar.update(1)
+                    if not out.finite:
+                        self.skip_step()
                         continue
-                    consecutive_bad = 0
+                    self.consecutive_bad = 0
                     state.step += 1
-                    step = state.step
 
                     # -- Time budget: fit the step count, or finish here --------------------
-                    if budget.due(step, cfg.log_every):
-                        fitted = dist_.broadcast_object(budget.fit(cfg, step), info)
-                        if abs(fitted.steps - cfg.steps) > 0.02 * cfg.steps:
-                            self.set_config(fitted)
-                            cfg = self.cfg
-                            bar.total = cfg.steps
-                    if out.out_of_time:
-                        self.set_config(dataclasses.replace(cfg, steps=step))
-                        cfg = self.cfg
+                    self.follow_budget(budget, out)
 
                     # -- Log and evaluate ---------------------------------------------------
-                    state.window["bpd"] += out.bpd_sum / cfg.batch_size
-                    state.window["n"] += 1
-                    state.window["imgs"] += cfg.batch_size
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == cfg.steps or \
-                            step % cfg.eval_every == 0:
-                        rec = self.log_window(step, lr, out, time.perf_counter() - window_t,
-                                              evaluate=step % cfg.eval_every == 0
-                                              and step != cfg.steps,
-                                              elapsed=state.elapsed + budget.spent())
-                        bar.set_postfix(loss=f"{out.loss.item():.4f}",
-                                        bpd=f"{rec['train_bpd']:.3f}",
-                                        img_s=f"{rec['img_per_sec']:.0f}",
-                                        **({"test": f"{rec['test_bpd']:.3f}"}
-                                           if "test_bpd" in rec else {}))
-                        state.reset_window()
-                        window_t = time.perf_counter()
+                    self.log_step(lr, out, state.elapsed + budget.spent())
 
                     # -- Sample grids and checkpoints ---------------------------------------
+                    step, cfg = state.step, self.cfg
                     if step % cfg.sample_every == 0 and step != cfg.steps:
                         self.sample_grid(f"step_{step:07d}.png")
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -354,7 +320,7 @@ class Trainer:
             except KeyboardInterrupt:
                 interrupted = "Ctrl-C"
             finally:
-                bar.close()
+                self.bar.close()
         elapsed = state.elapsed + budget.spent()
 
         # -- Interrupted: save the state and say how to continue --------------------------------
@@ -366,6 +332,60 @@ class Trainer:
                       f"{self.run.path}`", file=sys.stderr)
             raise SystemExit(130 if interrupted == "Ctrl-C" else 143)
         return self.finish(elapsed)
+
+    def skip_step(self) -> None:
+        """A non-finite step: the weights are unchanged; too many in a row stop training."""
+        state = self.state
+        state.bad_steps += 1
+        self.consecutive_bad += 1
+        self.log({"step": state.step + 1, "skipped": "non-finite loss or gradient",
+                  "bad_steps": state.bad_steps})
+        if self.consecutive_bad >= self.cfg.max_bad_steps:
+            raise ValueError(
+                f"training stopped: {self.consecutive_bad} consecutive steps with a non-finite "
+                f"loss or gradient at step {state.step + 1}; the last good checkpoint is "
+                f"{self.run.checkpoint_path} (try a lower --lr)")
+        state.step += 1
+        self.bar.update(1)
+
+    def follow_budget(self, budget: TimeBudget, out: StepOutcome) -> None:
+        """Refit ``steps`` to the time budget when due (rank 0's clock decides), or end the run
+        at this step when the budget is spent."""
+        step = self.state.step
+        if budget.due(step, self.cfg.log_every):
+            fitted = dist_.broadcast_object(budget.fit(self.cfg, step), self.info)
+            if abs(fitted.steps - self.cfg.steps) > 0.02 * self.cfg.steps:
+                self.set_config(fitted)
+                self.bar.total = fitted.steps
+        if out.out_of_time:
+            self.set_config(dataclasses.replace(self.cfg, steps=step))
+
+    def log_step(self, lr: float, out: StepOutcome, elapsed: float) -> None:
+        """Add the step to the log window; at log and evaluation steps write its metrics line
+        (with a periodic test evaluation of the EMA model) and update the progress bar."""
+        cfg, state, step = self.cfg, self.state, self.state.step
+        state.window["bpd"] += out.bpd_sum / cfg.batch_size
+        state.window["n"] += 1
+        state.window["imgs"] += cfg.batch_size
+        self.bar.update(1)
+        if not (step % cfg.log_every == 0 or step == cfg.steps or step % cfg.eval_every == 0):
+            return
+        w = state.window
+        rate = w["imgs"] / max(time.perf_counter() - self.window_t, 1e-9)
+        rec = {"step": step, "train_bpd": w["bpd"] / w["n"], "lr": lr, "img_per_sec": rate,
+               "model_tflops": rate * self.step_flops / 1e12, "grad_norm": out.grad_norm.item()}
+        if step % cfg.eval_every == 0 and step != cfg.steps:
+            self.ema.eval()
+            ev = evaluate_bpd(self.ema, self.data.x_test, self.data.y_test,
+                              limit=cfg.eval_images, dist=self.info)
+            rec |= {"test_bpd": ev["bpd"], "test_se": ev["se"], "test_images": ev["images"]}
+        rec["time"] = elapsed
+        self.log(rec)
+        self.bar.set_postfix(loss=f"{out.loss.item():.4f}", bpd=f"{rec['train_bpd']:.3f}",
+                             img_s=f"{rec['img_per_sec']:.0f}",
+                             **({"test": f"{rec['test_bpd']:.3f}"} if "test_bpd" in rec else {}))
+        state.reset_window()
+        self.window_t = time.perf_counter()
 
     def finish(self, elapsed: float) -> dict[str, Any]:
         """Final phase: full test split, sample grid, the EMA model in the pretrained layout."""
@@ -394,23 +414,6 @@ class Trainer:
         self.resolved["train"] = cfg.to_dict()
         if self.info.main:
             self.run.write_config(self.resolved)
-
-    def log_window(self, step: int, lr: float, out: StepOutcome, seconds: float, *,
-                   evaluate: bool, elapsed: float) -> dict[str, Any]:
-        """Write the metrics line of the log window ending at ``step`` (and a periodic test
-        evaluation of the EMA model); returns it."""
-        w = self.state.window
-        rate = w["imgs"] / max(seconds, 1e-9)
-        rec = {"step": step, "train_bpd": w["bpd"] / w["n"], "lr": lr, "img_per_sec": rate,
-               "model_tflops": rate * self.step_flops / 1e12, "grad_norm": out.grad_norm.item()}
-        if evaluate:
-            self.ema.eval()
-            ev = evaluate_bpd(self.ema, self.data.x_test, self.data.y_test,
-                              limit=self.cfg.eval_images, dist=self.info)
-            rec |= {"test_bpd": ev["bpd"], "test_se": ev["se"], "test_images": ev["images"]}
-        rec["time"] = elapsed
-        self.log(rec)
-        return rec
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.info.main:

@@ -15,7 +15,7 @@ from ..flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig, config_from_
 from ..presets import PRESETS, get_config, get_preset
 from ..recipe import TrainConfig
 from ..rundir import RunDir
-from ..train import train
+from ..train import Trainer
 from .options import add_options, given_options
 
 
@@ -182,9 +182,11 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     main_rank = dist_.from_env().main  # under torchrun only rank 0 talks
     if main_rank:
         run.check_writable()
+    trainer = Trainer(model_cfg, data, cfg, run, data_spec=spec, resume=bool(args.resume),
+                      init_from=args.init_from, progress=progress)  # reads the checkpoint
+    if main_rank:
         print(f"transflow train: {model_cfg.family} on {data.describe()}", file=sys.stderr)
-    summary = train(model_cfg, data, cfg, run.path, data_spec=spec, resume=bool(args.resume),
-                    init_from=args.init_from, progress=progress)
+    summary = trainer.fit()
     if main_rank:
         print(_summary_text(summary, model_cfg))
     dist_.teardown()

@@ -152,6 +152,9 @@ class Flow(nn.Module):
     checkpointing: str = "none"
     reversible: bool = False
     supports_reversible: ClassVar[bool] = False
+    #: whether every block inverts token by token (TarFlow): the solver plans of
+    #: :mod:`transflow.flows.solvers` apply
+    autoregressive: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

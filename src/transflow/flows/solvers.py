@@ -328,6 +328,9 @@ def invert_tarflow(model: Any, z: Tensor, y: Tensor | None = None, *,
     :class:`Guidance`; ``attn_temp``: attention temperature of the (conditional) branch.
     Returns ``x`` and per-block :class:`SolveStats` in model order (runs without autograd).
     ``plan="sequential"`` without guidance equals ``model.inverse(z, y)``."""
+    if not getattr(model, "autoregressive", False):
+        raise ValueError(f"invert_tarflow needs an autoregressive flow (TarFlow), got "
+                         f"{type(model).__name__}")
     g = guidance if isinstance(guidance, Guidance) or guidance is None else Guidance(
         float(guidance))
     g = g if g is not None and g.active else None

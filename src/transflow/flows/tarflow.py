@@ -210,6 +210,7 @@ class TarFlow(Flow):
     """
 
     config_class = TarFlowConfig
+    autoregressive = True
     prior_var_tokens: Tensor
 
     def __init__(self, config: TarFlowConfig):
