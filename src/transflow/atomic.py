@@ -1,4 +1,4 @@
-"""Atomic file writes: the one writer of every file transflow produces.
+"""Atomic file writes: the one writer of every file transflow produces (and its JSON reader).
 
 A file is written to a hidden temporary file beside its destination, flushed and fsynced, then
 moved into place with ``os.replace`` (and the directory fsynced). On any failure (disk full,
@@ -85,6 +85,21 @@ def json_line(obj: Any, **kw: Any) -> str:
 def write_json(path: PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented, strict JSON."""
     write_text(path, json_line(obj, indent=2) + "\n")
+
+
+def read_json_object(path: PathLike) -> dict[str, Any]:
+    """The JSON object in ``path``; a one-sentence ``ValueError`` naming the file when it is
+    missing, not JSON, or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return d
 
 
 def fsync_dir(directory: PathLike) -> None:

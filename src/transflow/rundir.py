@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_path, json_line, write_json, write_text
+from .atomic import atomic_path, json_line, read_json_object, write_json, write_text
 from .flows import Flow, FlowConfig, config_from_any
 from .flows.base import from_state_dict, strip_prefix, with_ema
 from .flows.pretrained import WEIGHTS_NAME, digest
@@ -86,31 +86,16 @@ class RunDir:
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
+        self.config_path = self.path / CONFIG
+        self.metrics_path = self.path / METRICS
+        self.checkpoint_path = self.path / CHECKPOINT
+        self.prev_checkpoint_path = self.path / PREV_CHECKPOINT
+        self.model_dir = self.path / MODEL
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
     # -- layout --------------------------------------------------------------------------------
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / CHECKPOINT
-
-    @property
-    def prev_checkpoint_path(self) -> Path:
-        return self.path / PREV_CHECKPOINT
-
-    @property
-    def model_dir(self) -> Path:
-        return self.path / MODEL
-
     def sample_path(self, name: str) -> Path:
         return self.path / SAMPLES / name
 
@@ -150,12 +135,7 @@ class RunDir:
         p = self.config_path
         if not p.is_file():
             raise ValueError(f"{self.path} is not a run directory: it has no {CONFIG}")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{p} is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{p} does not hold a JSON object")
+        d = read_json_object(p)
         for key in ("model", "train", "data"):
             if not isinstance(d.get(key), dict):
                 raise ValueError(f"{p} lacks the '{key}' section of a run config (it needs "

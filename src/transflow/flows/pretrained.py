@@ -15,7 +15,6 @@ sentence naming the file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zlib
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, read_json_object, write_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -124,20 +123,6 @@ def read_safetensors(path: PathLike, device: str | torch.device = "cpu") -> dict
     return tensors
 
 
-def read_config_dict(path: PathLike) -> dict[str, Any]:
-    """The JSON object in ``path`` (a ``config.json``); ``ValueError`` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return d
-
-
 def find(path: PathLike) -> tuple[Path, Path] | None:
     """``(config.json, model.safetensors)`` of a pretrained directory or of either file in one;
     None when ``path`` is not in the pretrained layout."""
@@ -169,7 +154,7 @@ def read(path: PathLike, device: str | torch.device = "cpu"
     config_path, weights = found
     if not config_path.exists():
         raise ValueError(f"{config_path.parent} has {weights.name} but no {CONFIG_NAME}")
-    return read_config_dict(config_path), read_safetensors(weights, device), str(weights)
+    return read_json_object(config_path), read_safetensors(weights, device), str(weights)
 
 
 # ---------------------------------------------------------------------------------------------
