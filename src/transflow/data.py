@@ -90,9 +90,10 @@ def load_data(spec: str = "digits", image_size: int | None = None, channels: int
 
 def _validate(data: ImageData, image_size: int | None, channels: int | None) -> None:
     for split in ("train", "test"):
-        x, y = data.split(split)
-        if len(x) == 0:
+        if len(data.split(split)[0]) == 0:
             raise ValueError(f"data set {data.name!r} has an empty {split} split")
+    for split in ("train", "test"):
+        x, y = data.split(split)
         if y is not None and len(y) != len(x):
             raise ValueError(f"data set {data.name!r}: {len(x)} {split} images but {len(y)} "
                              "labels")
@@ -149,17 +150,36 @@ def _npz(path: Path) -> ImageData:
         return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
 
     def labels(k: str) -> Tensor | None:
-        return torch.from_numpy(arrays[k].astype(np.int64).reshape(-1)) if k in arrays else None
+        if k not in arrays:
+            return None
+        a = arrays[k].reshape(-1)
+        if a.dtype.kind == "f":
+            bad = a[~np.isfinite(a) | (a != np.round(a))] if a.size else a
+            if bad.size:
+                raise ValueError(f"{path}: {k} holds non-integer labels (found {bad[0]!r}); "
+                                 "labels must be integers 0..K-1")
+        elif a.dtype.kind not in "iub":
+            raise ValueError(f"{path}: {k} must hold integer labels, got dtype {a.dtype}")
+        return torch.from_numpy(a.astype(np.int64))
 
     y_train, y_test = labels("y_train"), labels("y_test")
     if (y_train is None) != (y_test is None):
-        y_train = y_test = None
+        have, lack = ("y_train", "y_test") if y_test is None else ("y_test", "y_train")
+        raise ValueError(f"{path} has {have} but no {lack}: give labels for both splits, or "
+                         "neither (an unconditional model)")
     k = 0
-    if y_train is not None and len(y_train) and len(y_test):
-        lo = min(int(y_train.min()), int(y_test.min()))
+    if y_train is not None and (len(y_train) or len(y_test)):
+        both = torch.cat([y_train, y_test])
+        lo = int(both.min())
         if lo < 0:
             raise ValueError(f"{path}: labels must be >= 0, found {lo}")
-        k = max(int(y_train.max()), int(y_test.max())) + 1
+        k = int(both.max()) + 1
+        used = torch.unique(both)
+        if len(used) < k:
+            empty = sorted(set(range(k)) - set(used.tolist()))
+            raise ValueError(f"{path}: the labels take {len(used)} distinct values but go up to "
+                             f"{k - 1}, so class(es) {empty[:5]} would have no images; renumber "
+                             f"the labels 0..{len(used) - 1}")
     return ImageData(path.stem, images("x_train"), y_train, images("x_test"), y_test,
                      num_levels=256, num_classes=k)
 
@@ -186,32 +206,53 @@ def _list_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, [], []
 
 
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def _headers(files: list[Path], strict: bool) -> dict[Path, tuple[int, int]]:
+    """``{file: (channels it would have, side of its centre square)}`` from the image headers
+    (no decoding) of the files that look like images."""
+    from PIL import Image
+
+    out = {}
+    for f in files:
+        if f.suffix.lower() not in IMAGE_SUFFIXES and not strict:
+            continue
+        try:
+            with Image.open(f) as im:
+                out[f] = (1 if im.mode in _GREY_MODES else 3, min(im.size))
+        except Exception as e:
+            if strict:
+                raise ValueError(f"cannot read image {f}: {e}") from e
+    return out
+
+
+def _majority(values: list[int]) -> int:
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(sorted(counts), key=counts.__getitem__)
+
+
 def _folder(root: Path, image_size: int | None, channels: int | None,
             strict: bool) -> ImageData:
-    def read(files: list[Path], labels: list[int], size: int | None
-             ) -> tuple[list[np.ndarray], list[int], int, int | None]:
-        images, kept, skipped = [], [], 0
+    def read(files: list[Path], labels: list[int]
+             ) -> tuple[list[np.ndarray], list[int], int, int]:
+        images, kept, unreadable, other = [], [], 0, 0
         for f, lab in zip(files, labels or [0] * len(files), strict=True):
             if f.suffix.lower() not in IMAGE_SUFFIXES and not strict:
-                skipped += 1
+                other += 1
                 continue
             try:
                 a = _read_image(f, size, channels)
             except Exception as e:
                 if strict:
                     raise ValueError(f"cannot read image {f}: {e}") from e
-                skipped += 1
-                continue
-            if size is None:
-                size = a.shape[1]  # first image fixes the size when none is given
-            if a.shape[1:] != (size, size) or (images and a.shape[0] != images[0].shape[0]):
-                if strict:
-                    raise ValueError(f"image {f} has shape {list(a.shape)}, unlike the others")
-                skipped += 1
+                unreadable += 1
                 continue
             images.append(a)
             kept.append(lab)
-        return images, kept, skipped, size
+        return images, kept, unreadable, other
 
     if (root / "train").is_dir() and (root / "test").is_dir():
         f_tr, l_tr, classes = _list_images(root / "train")
@@ -227,15 +268,39 @@ def _folder(root: Path, image_size: int | None, channels: int | None,
         l_te = [v for i, v in enumerate(labels) if i in test_idx]
     if not f_tr and not f_te:
         raise ValueError(f"image folder {root} contains no files")
-    im_tr, y_tr, s_tr, size = read(f_tr, l_tr, image_size)
-    im_te, y_te, s_te, _ = read(f_te, l_te, size)
-    skipped = s_tr + s_te
-    if skipped:
-        warnings.warn(f"skipped {skipped} unreadable or non-image file(s) in {root}",
-                      stacklevel=2)
+    # one channel count and one size for every image: given, else the majority's (stated)
+    headers = _headers(f_tr + f_te, strict) or {root: (channels or 1, image_size or 1)}
+    notes = []
+    if channels is None:
+        channels = _majority([c for c, _ in headers.values()])
+        others = sum(c != channels for c, _ in headers.values())
+        if others:
+            notes.append(f"converted {others} image(s) to {'grey' if channels == 1 else 'RGB'} "
+                         "(the majority; choose with --channels)")
+    size = image_size
+    if size is None:
+        size = _majority([s for _, s in headers.values()])
+        others = sum(s != size for _, s in headers.values())
+        if others:
+            notes.append(f"resized {others} image(s) to {size}x{size} (the most common size; "
+                         "choose with --image-size)")
+    im_tr, y_tr, u_tr, o_tr = read(f_tr, l_tr)
+    im_te, y_te, u_te, o_te = read(f_te, l_te)
+    unreadable, other = u_tr + u_te, o_tr + o_te
+    if unreadable or other:
+        notes.append(f"skipped {unreadable + other} file(s): {unreadable} unreadable image(s), "
+                     f"{other} with no image suffix")
+    if notes:
+        warnings.warn(f"{root}: {'; '.join(notes)}", stacklevel=2)
     if not im_tr or not im_te:
         raise ValueError(f"image folder {root}: no readable images in the "
                          f"{'train' if not im_tr else 'test'} split")
+    if classes:
+        empty = [c for i, c in enumerate(classes) if i not in set(y_tr)]
+        if empty:
+            raise ValueError(f"image folder {root}: class folder(s) {empty[:3]} have no readable "
+                             "training images")
+    skipped = unreadable + other
 
     def stack(ims: list[np.ndarray]) -> Tensor:
         return torch.from_numpy(np.stack(ims))

@@ -64,6 +64,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("steps", "batch_size", "log_every", "eval_every",
                                    "sample_every", "checkpoint_every", "max_bad_steps"))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v!r}")
         if self.warmup < 0 or self.eval_images < 0 or self.time_limit < 0:
             raise ValueError("warmup, eval_images and time_limit must be >= 0")
         if not self.lr > 0:
@@ -90,6 +94,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: settings a resumed run may change: how and how often it runs, and how long, not what it
+#: computes (the rest would make the resumed run a different run)
+RESUMABLE = ("steps", "time_limit", "device", "amp", "compile", "parallel", "checkpointing",
+             "reversible", "tensorboard", "log_every", "eval_every", "eval_images",
+             "sample_every", "checkpoint_every", "max_bad_steps")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

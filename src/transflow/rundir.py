@@ -145,7 +145,15 @@ class RunDir:
         return d
 
     def model_config(self) -> FlowConfig:
-        return config_from_any(self.read_config()["model"], f"{self.config_path} (model)")
+        """The model config of ``config.json``, which must list every field (it was written
+        complete: a missing field means the file was damaged)."""
+        d = self.read_config()["model"]
+        config = config_from_any(d, f"{self.config_path} (model)")
+        missing = sorted(set(config.to_dict()) - set(d))
+        if missing:
+            raise ValueError(f"{self.config_path}: the model section lacks field(s) "
+                             f"{', '.join(missing)}")
+        return config
 
     def data_spec(self) -> str:
         return self.read_config()["data"]["spec"]

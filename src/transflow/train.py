@@ -196,6 +196,7 @@ class Trainer:
         if init_from and not ckpt:
             init_weights(model, init_from)
         if ckpt:
+            check_same_model(ckpt["model_config"], model_config, run)
             model.load_state_dict(ckpt["model"])
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         if ckpt:
@@ -212,6 +213,10 @@ class Trainer:
         if ckpt:
             dist_.load_optimizer_state(self.opt, ckpt["optimizer"])
             self.state = TrainState.from_checkpoint(ckpt)
+            if cfg.steps < self.state.step:
+                raise ValueError(f"the run in {run.path} has already done {self.state.step} "
+                                 f"steps; --steps {cfg.steps} would train nothing (give more "
+                                 "steps to extend it)")
 
         # -- run directory: resolved config, metrics cut back to the checkpoint ---------------
         self.resolved = {"model": model_config.to_dict(), "train": cfg.to_dict(),
@@ -396,6 +401,12 @@ class Trainer:
                   "test_images": ev["images"], "final": True, "time": elapsed})
         final = self.plain_ema()
         if final is not None:
+            bad = [n for n, t in final.state_dict().items() if not torch.isfinite(t).all()]
+            if bad:
+                raise ValueError(
+                    f"training diverged: the final EMA weights are not finite ({len(bad)} "
+                    f"tensor(s), e.g. {bad[0]!r}; test bits/dim {ev['bpd']}); the model was not "
+                    f"saved to {self.run.model_dir} (try a lower --lr)")
             self.sample_grid("final.png", final)
             self.run.save_model(final if self.sharded else self.model,
                                 ema_state_dict=final.state_dict())
@@ -477,6 +488,18 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
 # ---------------------------------------------------------------------------------------------
 # pieces used by the trainer
 # ---------------------------------------------------------------------------------------------
+def check_same_model(saved: dict[str, Any], config: FlowConfig, run: RunDir) -> None:
+    """``ValueError`` naming the differing fields unless a checkpoint's model config is
+    ``config``."""
+    mine = config.to_dict()
+    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} here"
+                          for k in diff[:3])
+        raise ValueError(f"the checkpoint in {run.path} holds a different model ({shown}); "
+                         f"resume with the model config of {run.config_path}")
+
+
 def grid_labels(config: FlowConfig, per_class: int = 8) -> tuple[Tensor | None, int, int]:
     """The images of a training sample grid: labels (one row per class, at most 10 classes;
     None for unconditional models), the number of images and the row length."""

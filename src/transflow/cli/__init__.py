@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from .convert import add_convert
 from .errors import UsageError
 from .evaluate import add_eval, add_score
+from .options import Parser
 from .sample import add_sample
 from .train import add_train_arguments, train_from_args
 
@@ -39,7 +40,7 @@ _COMMANDS = [_add_train, add_convert, add_sample, add_eval, add_score]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="transflow", description="Transformer normalizing flows (TarFlow, Jet) on images.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:

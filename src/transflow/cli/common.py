@@ -11,7 +11,7 @@ from ..distributed import resolve_device
 from ..flows import Flow
 from ..sampling import SampleOptions
 from .errors import UsageError
-from .options import add_options
+from .options import add_options, positive_int
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_progress(p: argparse.ArgumentParser) -> None:
 
 def add_sampling(p: argparse.ArgumentParser, n: int) -> None:
     """``--n`` and every :class:`~transflow.sampling.SampleOptions` flag."""
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=n,
+    p.add_argument("--n", "--num-samples", dest="n", type=positive_int, default=n,
                    help=f"number of images (default {n}; spell it --num-samples under "
                         "torchrun, whose own flags make --n ambiguous)")
     add_options(p.add_argument_group("sampling options"), SampleOptions)

