@@ -86,3 +86,56 @@ def test_npz_size_mismatch_is_explained(tmp_path):
     np.savez(p, x_train=np.zeros((3, 8, 8, 1), np.uint8), x_test=np.zeros((3, 8, 8, 1), np.uint8))
     with pytest.raises(ValueError, match="has 8x8 images, not 16x16"):
         load_data(str(p), image_size=16)
+
+
+def _mode_image(mode: str, value: int, size: int = 8) -> Image.Image:
+    grey = Image.fromarray(np.full((size, size), value, np.uint8), "L")
+    return grey.convert(mode)
+
+
+def test_mixed_modes_are_converted_to_the_majority_and_nothing_readable_is_lost(tmp_path):
+    # class a: 10 grey, class b: 10 RGB, class c: 10 RGBA (colour is the majority: 20 of 30)
+    for cls, mode in (("a", "L"), ("b", "RGB"), ("c", "RGBA")):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            _mode_image(mode, 20 * i).save(tmp_path / cls / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"converted 10 image\(s\) to RGB \(the majority"):
+        d = load_data(str(tmp_path))
+    assert d.channels == 3 and d.skipped == 0 and d.num_classes == 3
+    assert len(d.x_train) + len(d.x_test) == 30
+    assert set(d.y_train.tolist()) == {0, 1, 2}
+    grey = load_data(str(tmp_path), channels=1)  # chosen explicitly: every image converted
+    assert grey.channels == 1 and len(grey.x_train) + len(grey.x_test) == 30
+    # a grey value survives either conversion
+    assert int(d.x_train[0].float().std(0).max()) == 0
+
+
+def test_mixed_sizes_are_resized_to_the_most_common_and_stated(tmp_path):
+    for i in range(6):
+        _mode_image("L", 10 * i, size=8 if i < 4 else 12).save(tmp_path / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"resized 2 image\(s\) to 8x8"):
+        d = load_data(str(tmp_path))
+    assert d.image_size == 8 and len(d.x_train) + len(d.x_test) == 6 and d.skipped == 0
+
+
+@pytest.mark.parametrize("arrays,needle", [
+    (dict(y_train=[0, 1, 99], y_test=[0]), "take 3 distinct values but go up to 99"),
+    (dict(y_train=[0, 1, 0]), "has y_train but no y_test"),
+    (dict(y_test=[0]), "has y_test but no y_train"),
+    (dict(y_train=[0.0, np.nan, 1.0], y_test=[0.0]), "non-integer labels"),
+    (dict(y_train=[0.0, 1.5, 1.0], y_test=[0.0]), "non-integer labels"),
+])
+def test_label_problems_say_what_was_found(tmp_path, arrays, needle):
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=np.zeros((3, 8, 8, 1), np.uint8), x_test=np.zeros((1, 8, 8, 1), np.uint8),
+             **arrays)
+    with pytest.raises(ValueError, match=needle):
+        load_data(str(p))
+
+
+def test_empty_test_split_with_labels_names_the_split(tmp_path):
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=np.zeros((3, 8, 8, 1), np.uint8), y_train=[0, 1, 0],
+             x_test=np.zeros((0, 8, 8, 1), np.uint8), y_test=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="empty test split"):
+        load_data(str(p))

@@ -342,8 +342,8 @@ def finished_run(tmp_path_factory):
     assert main(["train", "--out", str(run), "--steps", "4", "--checkpoint-every", "500",
                  "--eval-images", "50", "--no-progress", *TINY]) == 0
     assert (run / "checkpoint.pt").exists() and not (run / "checkpoint.prev.pt").exists()
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "img.png")
     return run
 
@@ -383,3 +383,36 @@ def test_corrupted_run_is_refused_by_every_command(finished_run, tmp_path, capsy
         assert len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
         assert "corrupt" in err, (name, err)
     assert _snapshot(tmp_path) == before, "a refused command changed files"
+
+
+def test_outputs_exact_names_permissions_and_strict_json(tmp_path, finished_run):
+    """``--format npz -o NAME`` writes NAME; every written file gets the umask's mode (the model
+    files too); metrics.jsonl is strict JSON; a used PNG folder is replaced with --overwrite."""
+    import stat
+
+    from transflow.atomic import json_line
+    from transflow.cli import main
+
+    assert main(["sample", str(finished_run), "--format", "npz", "-o", str(tmp_path / "NAME"),
+                 "--n", "2", "--quiet"]) == 0
+    assert (tmp_path / "NAME").is_file() and not (tmp_path / "NAME.npz").exists()
+    old = os.umask(0o022)
+    try:
+        assert main(["sample", str(finished_run), "-o", str(tmp_path / "s.png"), "--n", "2",
+                     "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "s.png").stat().st_mode) == 0o644
+    mask = os.umask(0)
+    os.umask(mask)  # the fixture's files were written under the process's umask
+    for p in [*(finished_run / "model").iterdir(), finished_run / "checkpoint.pt",
+              finished_run / "config.json", finished_run / "metrics.jsonl"]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+    for line in (finished_run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert json_line({"a": float("nan"), "b": [float("inf")]}) == '{"a": null, "b": [null]}'
+    pngs = tmp_path / "pngs"
+    assert main(["sample", str(finished_run), "-o", str(pngs), "--n", "3", "--quiet"]) == 0
+    assert main(["sample", str(finished_run), "-o", str(pngs), "--n", "2", "--quiet",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in pngs.iterdir()) == ["000000.png", "000001.png"]

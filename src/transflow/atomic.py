@@ -39,8 +39,8 @@ def atomic_path(path: PathLike, *, before_replace: Callable[[], None] | None = N
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, _default_mode())
         yield tmp
+        os.chmod(tmp, _default_mode())  # after the write: some writers replace the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if before_replace is not None:

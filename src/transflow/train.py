@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -402,11 +403,11 @@ class Trainer:
         final = self.plain_ema()
         if final is not None:
             bad = [n for n, t in final.state_dict().items() if not torch.isfinite(t).all()]
-            if bad:
-                raise ValueError(
-                    f"training diverged: the final EMA weights are not finite ({len(bad)} "
-                    f"tensor(s), e.g. {bad[0]!r}; test bits/dim {ev['bpd']}); the model was not "
-                    f"saved to {self.run.model_dir} (try a lower --lr)")
+            if bad or not math.isfinite(ev["bpd"]):
+                what = (f"the final EMA weights are not finite ({len(bad)} tensor(s), e.g. "
+                        f"{bad[0]!r})" if bad else f"the final test bits/dim is {ev['bpd']}")
+                raise ValueError(f"training diverged: {what}; the model was not saved to "
+                                 f"{self.run.model_dir} (try a lower --lr)")
             self.sample_grid("final.png", final)
             self.run.save_model(final if self.sharded else self.model,
                                 ema_state_dict=final.state_dict())

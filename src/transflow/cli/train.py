@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +208,7 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(model_cfg, data, cfg, run, data_spec=spec, resume=bool(args.resume),
                       init_from=args.init_from, progress=progress)  # reads the checkpoint
     if main_rank:
-        print(f"transflow train: {model_cfg.family} on {data.describe()}", file=sys.stderr)
+        print(f"transflow train: {model_cfg.family} on {data.describe()}", flush=True)
     summary = trainer.fit()
     if main_rank:
         print(_summary_text(summary, model_cfg))

@@ -90,7 +90,13 @@ def write(directory: PathLike, config_json: str, tensors: Mapping[str, Tensor],
     meta = {**metadata, "digest": str(digest(tensors))}
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' own error type, also for I/O failures
+            raise OSError(f"could not write {directory / WEIGHTS_NAME} ({first_line(e)})"
+                          ) from None
     write_text(directory / CONFIG_NAME, config_json + "\n")
     return directory
 
