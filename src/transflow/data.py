@@ -227,11 +227,18 @@ def _headers(files: list[Path], strict: bool) -> dict[Path, tuple[int, int]]:
     return out
 
 
-def _majority(values: list[int]) -> int:
+def _choose(given: int | None, values: list[int], notes: list[str], note) -> int:
+    """``given``, else the most common of ``values``; a note of how many images differ."""
+    if given is not None:
+        return given
     counts: dict[int, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
-    return max(sorted(counts), key=counts.__getitem__)
+    chosen = max(sorted(counts), key=counts.__getitem__)
+    others = len(values) - counts[chosen]
+    if others:
+        notes.append(note(others, chosen))
+    return chosen
 
 
 def _folder(root: Path, image_size: int | None, channels: int | None,
@@ -270,20 +277,13 @@ def _folder(root: Path, image_size: int | None, channels: int | None,
         raise ValueError(f"image folder {root} contains no files")
     # one channel count and one size for every image: given, else the majority's (stated)
     headers = _headers(f_tr + f_te, strict) or {root: (channels or 1, image_size or 1)}
-    notes = []
-    if channels is None:
-        channels = _majority([c for c, _ in headers.values()])
-        others = sum(c != channels for c, _ in headers.values())
-        if others:
-            notes.append(f"converted {others} image(s) to {'grey' if channels == 1 else 'RGB'} "
-                         "(the majority; choose with --channels)")
-    size = image_size
-    if size is None:
-        size = _majority([s for _, s in headers.values()])
-        others = sum(s != size for _, s in headers.values())
-        if others:
-            notes.append(f"resized {others} image(s) to {size}x{size} (the most common size; "
-                         "choose with --image-size)")
+    notes: list[str] = []
+    channels = _choose(channels, [c for c, _ in headers.values()], notes,
+                       lambda n, c: f"converted {n} image(s) to {'grey' if c == 1 else 'RGB'} "
+                                    "(the majority; choose with --channels)")
+    size = _choose(image_size, [s for _, s in headers.values()], notes,
+                   lambda n, s: f"resized {n} image(s) to {s}x{s} (the most common size; choose "
+                                "with --image-size)")
     im_tr, y_tr, u_tr, o_tr = read(f_tr, l_tr)
     im_te, y_te, u_te, o_te = read(f_te, l_te)
     unreadable, other = u_tr + u_te, o_tr + o_te
