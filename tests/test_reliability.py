@@ -416,3 +416,23 @@ def test_outputs_exact_names_permissions_and_strict_json(tmp_path, finished_run)
     assert main(["sample", str(finished_run), "-o", str(pngs), "--n", "2", "--quiet",
                  "--overwrite"]) == 0
     assert sorted(p.name for p in pngs.iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_resume_applies_and_records_the_options_that_may_change(tmp_path, finished_run):
+    import shutil
+
+    from transflow.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = json.loads((run / "config.json").read_text())["train"]
+    assert main(["train", "--resume", str(run), "--steps", "6", "--log-every", "1",
+                 "--batch-size", str(before["batch_size"]),  # the run's own value: accepted
+                 "--no-progress"]) == 0
+    after = json.loads((run / "config.json").read_text())["train"]
+    assert after["steps"] == 6 and after["log_every"] == 1
+    assert {k: v for k, v in after.items() if k not in ("steps", "log_every")} == \
+        {k: v for k, v in before.items() if k not in ("steps", "log_every")}
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "train_bpd" in line]
+    assert steps[-2:] == [5, 6]  # logged every step after the resume
