@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..version import __version__
 from . import pretrained, sampler
+from .distribution import FlowDistribution
 from .guidance import Guidance
 
 CHECKPOINTING = ("none", "block", "layer")
@@ -155,6 +156,8 @@ class Flow(nn.Module):
     #: whether every block inverts token by token (TarFlow): the solver plans of
     #: :mod:`transflow.flows.solvers` apply
     autoregressive: ClassVar[bool] = False
+    #: whether :meth:`inverse` is differentiable (so :meth:`as_distribution` has ``rsample``)
+    differentiable_inverse: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -273,6 +276,13 @@ class Flow(nn.Module):
         :func:`transflow.flows.sampler.sample` (``options``: temperature, guidance, method,
         denoise, seed or generator, ...)."""
         return sampler.sample(self, n, y=y, **options)
+
+    def as_distribution(self, y: Tensor | int | None = None, temperature: float = 1.0
+                        ) -> FlowDistribution:
+        """This flow as a ``torch.distributions.Distribution`` over images ``[C, H, W]`` (labels
+        ``y``: None, one int or ``[B]`` for a batch of distributions); see
+        :class:`transflow.flows.distribution.FlowDistribution`."""
+        return FlowDistribution(self, y, temperature)
 
     # -- the pretrained layout (config.json + model.safetensors) ---------------------------------
     def save_pretrained(self, directory: str | os.PathLike, *,

@@ -373,6 +373,7 @@ class Jet(Flow):
 
     config_class = JetConfig
     supports_reversible = True
+    differentiable_inverse = True
 
     def __init__(self, config: JetConfig):
         super().__init__()
