@@ -445,3 +445,82 @@ def test_save_refuses_non_flows(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         save_pretrained(build(tarflow_config()), tmp_path / "ok")
+
+
+def _fake_hub(monkeypatch, remote_root: Path) -> dict:
+    """A stand-in for huggingface_hub keeping uploads per (repo, revision) under
+    ``remote_root``: no network."""
+    import shutil
+
+    calls: dict = {"uploads": [], "downloads": [], "branches": []}
+
+    def where(repo_id, revision):
+        return remote_root / repo_id.replace("/", "__") / (revision or "main")
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls["downloads"].append((repo_id, revision, allow_patterns))
+        d = where(repo_id, revision)
+        if not d.exists():
+            raise FileNotFoundError(f"404 Client Error: repository {repo_id} not found")
+        return str(d)
+
+    class HfApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+
+        def create_branch(self, repo_id, branch, exist_ok=False):
+            calls["branches"].append((repo_id, branch))
+
+        def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
+            calls["uploads"].append((repo_id, revision, sorted(os.listdir(folder_path)),
+                                     commit_message))
+            shutil.copytree(folder_path, where(repo_id, revision), dirs_exist_ok=True)
+            return f"https://huggingface.co/{repo_id}/commit/{revision or 'main'}"
+
+    fake = types.ModuleType("huggingface_hub")
+    fake.snapshot_download = snapshot_download
+    fake.HfApi = HfApi
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    return calls
+
+
+def test_push_a_run_from_the_cli_and_load_a_bare_repo_id(tmp_path, monkeypatch, capsys):
+    from transflow import TarFlow
+    from transflow.cli import main
+
+    calls = _fake_hub(monkeypatch, tmp_path / "hub")
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--steps", "3", "--eval-images", "20",
+                 "--width", "32", "--blocks", "2", "--layers", "1", "--head-dim", "16",
+                 "--no-progress"]) == 0
+    assert main(["push", str(run), "me/digits-flow", "--revision", "v1", "--private"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    repo, revision, files, _ = calls["uploads"][-1]
+    assert (repo, revision) == ("me/digits-flow", "v1")
+    assert calls["branches"] == [("me/digits-flow", "v1")]
+    assert files == ["README.md", "config.json", "model.safetensors", "samples.png"]
+    assert calls["create"] == ("me/digits-flow", True, True)
+    card = (tmp_path / "hub" / "me__digits-flow" / "v1" / "README.md").read_text()
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for needle in ("library_name: transflow", '"model": "tarflow"', '"width": 32', "`digits`",
+                   "steps: 3", f"final test bits/dim: {final['test_bpd']:.4f}",
+                   "D log(2/K)", "![samples](samples.png)", 'transflow.load("me/digits-flow")'):
+        assert needle in card, needle
+    # a bare repo id (no such local path) and a revision: the Hub copy, equal to the run's model
+    monkeypatch.chdir(tmp_path)
+    back = load("me/digits-flow", revision="v1")
+    assert calls["downloads"][-1] == ("me/digits-flow", "v1", ["config.json", "model.safetensors"])
+    identical(back, load(run))
+    bf16 = TarFlow.from_pretrained("hf://me/digits-flow@v1", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    with pytest.raises(ValueError, match="no such local path; could not download"):
+        load("me/missing")
+    with pytest.raises(ValueError, match="names revision 'v1' but revision='v2'"):
+        load("hf://me/digits-flow@v1", revision="v2")
+    with pytest.raises(ValueError, match="applies to Hub repositories"):
+        load(run, revision="v1")
+    with pytest.raises(ValueError, match="dtype must be a floating-point"):
+        load(run, dtype=torch.int8)

@@ -181,6 +181,20 @@ class RunDir:
                 keep.append(line)
         write_text(p, "".join(line + "\n" for line in keep))
 
+    def final_metrics(self) -> dict[str, Any] | None:
+        """The final evaluation's metrics line (``"final": true``), or None before the end."""
+        if not self.metrics_path.exists():
+            return None
+        final = None
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("final"):
+                final = rec
+        return final
+
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
         """Write ``state`` (with its digest) as the new ``checkpoint.pt``; the current one

@@ -299,14 +299,16 @@ class Flow(nn.Module):
         pretrained.write(directory, self.config.to_json(), sd, metadata)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *,
-                        device: str | torch.device = "cpu") -> Flow:
-        """A model in the pretrained layout: a directory, either of its files, or
-        ``hf://owner/name[@revision]``. ``ValueError`` if it is not a ``cls`` model.
-        (:func:`transflow.load` also reads training runs and checkpoints.)"""
-        config_dict, tensors, source = pretrained.read(path)
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        revision: str | None = None, dtype: torch.dtype | None = None) -> Flow:
+        """A model in the pretrained layout: a directory, either of its files, or a Hub
+        repository (``owner/name``, ``hf://owner/name[@revision]``; ``revision`` picks a branch,
+        tag or commit). ``dtype`` casts the weights (e.g. ``torch.bfloat16`` for sampling on a
+        GPU). ``ValueError`` if it is not a ``cls`` model. (:func:`transflow.load` also reads
+        training runs and checkpoints.)"""
+        config_dict, tensors, source = pretrained.read(path, revision=revision)
         config = config_from_any(config_dict, str(Path(source).parent / pretrained.CONFIG_NAME))
-        model = from_state_dict(config, tensors, source, device)
+        model = cast(from_state_dict(config, tensors, source, device), dtype)
         if not isinstance(model, cls):
             raise ValueError(f"{path} holds a {type(model).__name__} model, not {cls.__name__}")
         return model
@@ -427,6 +429,15 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, 
         if tuple(got[k].shape) != tuple(shape):
             raise ValueError(f"{source}: tensor {k!r} has shape {list(got[k].shape)} in the file "
                              f"but {list(shape)} in the model")
+
+
+def cast(model: Flow, dtype: torch.dtype | None) -> Flow:
+    """``model`` with floating-point weights in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return model
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return model.to(dtype)
 
 
 def empty_model(config: FlowConfig) -> Flow:

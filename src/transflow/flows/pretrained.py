@@ -142,13 +142,33 @@ def find(path: PathLike) -> tuple[Path, Path] | None:
     return None
 
 
-def read(path: PathLike, device: str | torch.device = "cpu"
+def hub_reference(path: PathLike, revision: str | None = None
+                  ) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``path`` names a Hub repository: ``hf://owner/name[@rev]``,
+    ``hub:owner/name``, or a bare ``owner/name[@rev]`` that is not a local path (as diffusers and
+    timm read it); None for local paths. ``revision`` overrides (and must agree with) ``@rev``."""
+    hub = parse_hub_path(path)
+    if hub is None and isinstance(path, str) and not Path(path).exists():
+        m = _REPO_RE.match(path)
+        hub = (m.group(1), m.group(2)) if m else None
+    if hub is None:
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repositories, and {path} is "
+                             "a local path")
+        return None
+    repo_id, rev = hub
+    if revision is not None and rev is not None and revision != rev:
+        raise ValueError(f"{path} names revision {rev!r} but revision={revision!r} was given")
+    return repo_id, revision if revision is not None else rev
+
+
+def read(path: PathLike, device: str | torch.device = "cpu", revision: str | None = None
          ) -> tuple[dict[str, Any], dict[str, Tensor], str]:
     """``(config dict, tensors, source name)`` of a pretrained model: a directory, either of its
-    files, or a Hub reference (downloaded first)."""
-    hub = parse_hub_path(path)
+    files, or a Hub repository (see :func:`hub_reference`; downloaded first)."""
+    hub = hub_reference(path, revision)
     if hub is not None:
-        path = download(*hub)
+        path = download(*hub, bare=parse_hub_path(path) is None)
     found = find(path)
     if found is None:
         p = Path(path)
@@ -191,8 +211,22 @@ def import_hub() -> Any:
     return huggingface_hub
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
-    """The local copy of a Hub model repository's pretrained files."""
-    local = import_hub().snapshot_download(repo_id=repo_id, revision=revision,
-                                           allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+def download(repo_id: str, revision: str | None = None, bare: bool = False) -> Path:
+    """The local copy of a Hub model repository's pretrained files (``bare``: the reference was
+    a plain ``owner/name``, which may as well be a mistyped local path)."""
+    try:
+        hub = import_hub()
+    except ImportError:
+        if bare:
+            raise ValueError(f"{repo_id} does not exist as a local path, and reading it as a "
+                             "Hub repository needs: pip install 'transflow[hub]'") from None
+        raise
+    try:
+        local = hub.snapshot_download(repo_id=repo_id, revision=revision,
+                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+    except Exception as e:  # the Hub client's own errors (not found, offline, ...)
+        at = f"@{revision}" if revision else ""
+        where = "no such local path; " if bare else ""
+        raise ValueError(f"{repo_id}{at}: {where}could not download it from the Hub "
+                         f"({first_line(e)})") from None
     return Path(local)
