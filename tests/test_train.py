@@ -284,3 +284,33 @@ def test_time_limit_fits_steps_and_caps_warmup():
     assert fitted.steps == 30 + int((540 - 6) * 5) and fitted.warmup == 200
     slow = T.fit_steps_to_budget(cfg, 30, 30, 0.0, 60.0)  # 0.5 steps/s -> 270 + 30 steps
     assert slow.steps == 30 + 240 and slow.warmup == 27
+
+
+def test_snapshots_and_kept_checkpoints(tmp_path, capsys):
+    from transflow import load
+    from transflow.rundir import RunDir
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--steps", "6", "--snapshot-every", "2",
+                 "--checkpoint-every", "2", "--keep-checkpoints", "2", "--eval-images", "20",
+                 "--no-progress", *sum(([f"--{k.replace('_', '-')}", str(v)]
+                                         for k, v in TINY.items()), [])]) == 0
+    r = RunDir(run)
+    assert r.snapshot_steps() == [2, 4, 6]
+    assert sorted(r.kept_checkpoints()) == [4, 6]  # the newest two
+    final, snap6, snap2 = load(run), r.load_step(6), load(run / "snapshots" / "step_0000002")
+    for k, v in final.state_dict().items():
+        assert torch.equal(v, snap6.state_dict()[k])  # the last snapshot is the final model
+    assert any(not torch.equal(v, snap2.state_dict()[k]) for k, v in final.state_dict().items())
+    ckpt4 = r.load_step(4)  # no snapshot needed: a kept checkpoint's EMA weights
+    assert all(torch.equal(v, r.load_step(4).state_dict()[k])
+               for k, v in ckpt4.state_dict().items())
+    capsys.readouterr()
+    assert main(["eval", "bpd", str(run), "--step", "2", "--limit", "20", "--no-progress"]) == 0
+    early = capsys.readouterr().out
+    assert main(["eval", "bpd", str(run), "--step", "6", "--limit", "20", "--no-progress"]) == 0
+    late = capsys.readouterr().out
+    assert early != late and "bits/dim" in late
+    assert main(["eval", "bpd", str(run), "--step", "3", "--no-progress"]) == 2
+    assert "has no snapshot or kept checkpoint of step 3 (it has: 2, 4, 6;" in \
+        capsys.readouterr().err

@@ -45,6 +45,10 @@ class TrainConfig:
                             "evaluation uses all)")
     sample_every: int = _opt(1000, "steps between sample grids")
     checkpoint_every: int = _opt(500, "steps between checkpoints")
+    keep_checkpoints: int = _opt(0, "also keep the checkpoints of the last K checkpoint steps "
+                                 "in RUN/checkpoints/ (0: only checkpoint.pt and the one before)")
+    snapshot_every: int = _opt(0, "keep the EMA model every N steps in RUN/snapshots/step_N/ "
+                               "(loadable with transflow.load; 0: none)")
     seed: int = _opt(0, "seed of the data order, noise, label drops and initialisation")
     device: str = _opt("auto", "torch device: auto (CUDA when available), cpu, cuda, cuda:N")
     amp: str = _opt("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
@@ -68,8 +72,10 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{f.name} must be a finite number, got {v!r}")
-        if self.warmup < 0 or self.eval_images < 0 or self.time_limit < 0:
-            raise ValueError("warmup, eval_images and time_limit must be >= 0")
+        if min(self.warmup, self.eval_images, self.time_limit, self.keep_checkpoints,
+               self.snapshot_every) < 0:
+            raise ValueError("warmup, eval_images, time_limit, keep_checkpoints and "
+                             "snapshot_every must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.label_drop <= 1:
@@ -100,7 +106,8 @@ class TrainConfig:
 #: computes (the rest would make the resumed run a different run)
 RESUMABLE = ("steps", "time_limit", "device", "amp", "compile", "parallel", "checkpointing",
              "reversible", "tensorboard", "log_every", "eval_every", "eval_images",
-             "sample_every", "checkpoint_every", "max_bad_steps")
+             "sample_every", "checkpoint_every", "max_bad_steps", "keep_checkpoints",
+             "snapshot_every")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

@@ -6,6 +6,8 @@
     RUN/metrics.jsonl        one strict-JSON line per log/eval step
     RUN/samples/NAME.png     sample grids of the EMA model
     RUN/checkpoint.pt        resumable state (+ checkpoint.prev.pt, the one before)
+    RUN/checkpoints/step_N.pt  older checkpoints kept with --keep-checkpoints
+    RUN/snapshots/step_N/    the EMA model at step N (--snapshot-every), pretrained layout
     RUN/model/               the final EMA model in the pretrained layout
 
 Every file is written atomically (:mod:`transflow.atomic`). A training checkpoint carries a
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +42,8 @@ CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = "checkpoint.prev.pt"
 MODEL = "model"
 SAMPLES = "samples"
+SNAPSHOTS = "snapshots"
+HISTORY = "checkpoints"
 
 PathLike = str | os.PathLike
 
@@ -91,6 +96,8 @@ class RunDir:
         self.checkpoint_path = self.path / CHECKPOINT
         self.prev_checkpoint_path = self.path / PREV_CHECKPOINT
         self.model_dir = self.path / MODEL
+        self.snapshots_dir = self.path / SNAPSHOTS
+        self.history_dir = self.path / HISTORY
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -213,6 +220,47 @@ class RunDir:
         except OSError as e:
             raise ValueError(f"could not write checkpoint {path} ({e.strerror or e}); the "
                              "previous checkpoint is intact") from e
+
+    def keep_checkpoint(self, step: int, keep: int) -> None:
+        """Keep the current ``checkpoint.pt`` as ``checkpoints/step_N.pt`` (a hard link where
+        the filesystem has them: no extra space until it is rotated away) and delete the kept
+        ones beyond the newest ``keep``."""
+        self.history_dir.mkdir(parents=True, exist_ok=True)
+        target = self.history_dir / f"step_{step:07d}.pt"
+        target.unlink(missing_ok=True)
+        try:
+            os.link(self.checkpoint_path, target)
+        except OSError:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(self.checkpoint_path, tmp)
+        for old in sorted(self.history_dir.glob("step_*.pt"))[:-keep]:
+            old.unlink()
+
+    def kept_checkpoints(self) -> dict[int, Path]:
+        return {int(p.stem[5:]): p for p in sorted(self.history_dir.glob("step_*.pt"))}
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def save_snapshot(self, model: Flow, step: int,
+                      ema_state_dict: Mapping[str, Any] | None = None) -> None:
+        model.save_pretrained(self.snapshots_dir / f"step_{step:07d}",
+                              ema_state_dict=ema_state_dict)
+
+    def snapshot_steps(self) -> list[int]:
+        return sorted(int(p.name[5:]) for p in self.snapshots_dir.glob("step_*")
+                      if (p / WEIGHTS_NAME).exists())
+
+    def load_step(self, step: int, device: str | torch.device = "cpu") -> Flow:
+        """The EMA model at ``step``: its snapshot, else a kept checkpoint of that step."""
+        snap = self.snapshots_dir / f"step_{step:07d}"
+        if (snap / WEIGHTS_NAME).exists():
+            return Flow.from_pretrained(snap, device=device)
+        kept = self.kept_checkpoints()
+        if step in kept:
+            return model_from_checkpoint(read_checkpoint(kept[step]), str(kept[step]), device)
+        have = sorted(set(self.snapshot_steps()) | set(kept))
+        raise ValueError(f"{self.path} has no snapshot or kept checkpoint of step {step} "
+                         f"(it has: {', '.join(map(str, have)) or 'none'}; train with "
+                         "--snapshot-every N)")
 
     def load_checkpoint(self) -> dict[str, Any]:
         """The newest verified checkpoint (:func:`read_checkpoint`). When ``checkpoint.pt`` is

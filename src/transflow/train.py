@@ -318,6 +318,8 @@ class Trainer:
                     step, cfg = state.step, self.cfg
                     if step % cfg.sample_every == 0 and step != cfg.steps:
                         self.sample_grid(f"step_{step:07d}.png")
+                    if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                        self.save_snapshot(step)
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                         self.save_checkpoint(state.elapsed + budget.spent())
                     if out.stop and step < cfg.steps:
@@ -447,6 +449,15 @@ class Trainer:
                  "elapsed": elapsed, "log_window": s.window}
         if self.info.main:
             self.run.save_checkpoint(state)
+            if self.cfg.keep_checkpoints:
+                self.run.keep_checkpoint(s.step, self.cfg.keep_checkpoints)
+        dist_.barrier()
+
+    def save_snapshot(self, step: int) -> None:
+        """The EMA model at ``step`` in ``snapshots/`` (collective when sharded)."""
+        ema = self.plain_ema()
+        if ema is not None:
+            self.run.save_snapshot(ema, step)
         dist_.barrier()
 
     def plain_ema(self) -> Flow | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..checkpoints import load
 from ..distributed import resolve_device
 from ..flows import Flow
+from ..rundir import RunDir
 from ..sampling import SampleOptions
 from .errors import UsageError
 from .options import add_options, positive_int
@@ -16,7 +17,14 @@ from .options import add_options, positive_int
 
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_RUN",
-                   help="a pretrained directory, a training run, a checkpoint or hf://owner/name")
+                   help="a pretrained directory, a training run, a checkpoint, or a Hub "
+                        "repository owner/name (hf://owner/name[@revision])")
+
+
+def add_step(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step", type=positive_int, default=None,
+                   help="evaluate the run's EMA model at this step (its snapshot from "
+                        "--snapshot-every, or a checkpoint kept with --keep-checkpoints)")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -38,8 +46,13 @@ def add_sampling(p: argparse.ArgumentParser, n: int) -> None:
     add_options(p.add_argument_group("sampling options"), SampleOptions)
 
 
-def load_model(path: str, device: str) -> Flow:
-    return load(path, device=resolve_device(device)).eval()
+def load_model(path: str, device: str, step: int | None = None) -> Flow:
+    """The model at ``path`` (with ``step``: the run's model at that step)."""
+    if step is None:
+        return load(path, device=resolve_device(device)).eval()
+    if not RunDir.is_run(path):
+        raise UsageError(f"--step needs a training run directory, and {path} is not one")
+    return RunDir(path).load_step(step, resolve_device(device)).eval()
 
 
 def check_output_location(target: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ from .common import (
     add_model,
     add_progress,
     add_sampling,
+    add_step,
     check_output_location,
     load_model,
 )
@@ -37,6 +38,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_model(b)
     b.add_argument("--data", default=None,
                    help="data set (default: the one a training run used)")
+    add_step(b)
     b.add_argument("--split", default="test", choices=["train", "test"],
                    help="split to evaluate (default test)")
     b.add_argument("--dequant-samples", type=positive_int, default=1, metavar="K",
@@ -71,6 +73,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     f = ev.add_parser("fid", help="FID of model samples against a data set's statistics")
     add_model(f)
     f.add_argument("--data", required=True, help="reference data set (as for train --data)")
+    add_step(f)
     f.add_argument("--split", default="test", choices=["train", "test"],
                    help="reference split (default test)")
     f.add_argument("--ref-limit", type=nonnegative_int, default=0,
@@ -90,7 +93,7 @@ def run_eval_bpd(args: argparse.Namespace) -> int:
         check_output_location(Path(args.json).parent)
     # under torchrun the batches are shared out among the processes; rank 0 reports
     info, dev = distributed.setup(distributed.resolve_device(args.device))
-    model = load_model(args.model, str(dev))
+    model = load_model(args.model, str(dev), args.step)
     spec = args.data
     if spec is None:
         if not RunDir.is_run(args.model):
@@ -146,7 +149,7 @@ def run_eval_fid(args: argparse.Namespace) -> int:
     # under torchrun the samples are shared out among the processes; rank 0 reports
     info, dev = distributed.setup(distributed.resolve_device(args.device))
     device = str(dev)
-    model = load_model(args.model, device)
+    model = load_model(args.model, device, args.step)
     ref = None
     if info.main:
         ref = fid.reference_stats(data_pixels(args.data, args.split, args.ref_limit),
