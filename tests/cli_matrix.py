@@ -68,7 +68,7 @@ def cases() -> list[Case]:
         Case("disk full: checkpoint on resume",
              ["train", "--resume", f"{f}/run", "--steps", "6", "--no-progress"],
              "No space left on device", "2", full_disk=True,
-             may_change=["run/config.json", "run/metrics.jsonl"]),
+             may_change=["run/config.json", "run/metrics.jsonl", "run/log.txt"]),
         Case("disk full: sample over an existing .npz",
              ["sample", m, "-o", f"{f}/existing.npz", "--n", "4000", "--batch-size", "1000",
               "--quiet"],

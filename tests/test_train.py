@@ -314,3 +314,69 @@ def test_snapshots_and_kept_checkpoints(tmp_path, capsys):
     assert main(["eval", "bpd", str(run), "--step", "3", "--no-progress"]) == 2
     assert "has no snapshot or kept checkpoint of step 3 (it has: 2, 4, 6;" in \
         capsys.readouterr().err
+
+
+def test_trackers_and_log_txt_get_what_metrics_jsonl_gets(tmp_path, monkeypatch, capsys):
+    """--tensorboard and --wandb (their libraries replaced by recording fakes: no extras, no
+    network) log the metrics.jsonl scalars and the sample grids; log.txt keeps the console."""
+    import sys
+    import types
+
+    events: dict = {"tb": [], "tb_images": [], "wandb": [], "init": []}
+
+    class SummaryWriter:
+        def __init__(self, logdir):
+            events["tb_dir"] = logdir
+
+        def add_scalar(self, k, v, step):
+            events["tb"].append((step, k, v))
+
+        def add_image(self, name, img, step, dataformats):
+            events["tb_images"].append((name, step, img.shape, dataformats))
+
+        def close(self):
+            events["tb_closed"] = True
+
+    class Run:
+        def log(self, d, step):
+            events["wandb"].append((step, d))
+
+        def finish(self):
+            events["wandb_finished"] = True
+
+    fake_tb = types.ModuleType("torch.utils.tensorboard")
+    fake_tb.SummaryWriter = SummaryWriter
+    fake_wandb = types.ModuleType("wandb")
+    fake_wandb.init = lambda **kw: (events["init"].append(kw), Run())[1]
+    fake_wandb.Image = lambda pixels: ("image", pixels.shape)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+    run = tmp_path / "run"
+    flags = sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in TINY.items()), [])
+    assert main(["train", "--out", str(run), "--steps", "4", "--log-every", "2",
+                 "--sample-every", "2", "--eval-images", "20", "--tensorboard", "--wandb",
+                 "--no-progress", *flags]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = sorted((r["step"], k, float(v)) for r in records for k, v in r.items()
+                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool))
+    assert sorted(events["tb"]) == expected
+    assert sorted((s, k, v) for s, d in events["wandb"] for k, v in d.items()
+                  if not isinstance(v, tuple)) == expected
+    assert [(n, s) for n, s, _, _ in events["tb_images"]] == [("samples/step_0000002", 2),
+                                                             ("samples/final", 4)]
+    assert sum(isinstance(v, tuple) for _, d in events["wandb"] for v in d.values()) == 2
+    init = events["init"][0]
+    assert init["mode"] == "offline" and init["dir"] == str(run)
+    assert init["config"]["model"]["width"] == 32 and init["resume"] is None
+    assert events["tb_closed"] and events["wandb_finished"]
+    log = (run / "log.txt").read_text()
+    assert "transflow train: tarflow on digits" in log and "train_bpd=" in log
+    assert "Trained a" in log and capsys.readouterr().out.splitlines()[-1] in log
+    # a resumed run continues the same W&B run
+    assert main(["train", "--resume", str(run), "--steps", "6", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "8", "--wandb", "--no-progress"]) == 0
+    assert events["init"][-1]["id"] == init["id"] and events["init"][-1]["resume"] == "allow"
+    assert log.count("Trained a") == 1 and (run / "log.txt").read_text().count("Trained a") == 3

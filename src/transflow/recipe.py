@@ -57,7 +57,10 @@ class TrainConfig:
     time_limit: float = _opt(0.0, "time budget in minutes (> 0 fits --steps to it from the "
                              "measured speed)")
     prior_momentum: float = _opt(0.1, "momentum of the volume-preserving prior's variance")
-    tensorboard: bool = _opt(False, "also log to RUN/tensorboard (needs tensorboard)")
+    tensorboard: bool = _opt(False, "also log scalars and sample grids to RUN/tensorboard "
+                             "(needs transflow[tensorboard])")
+    wandb: bool = _opt(False, "also log scalars and sample grids to Weights & Biases, offline in "
+                       "RUN/wandb unless an API key is set (needs transflow[wandb])")
     parallel: str = _opt("ddp", "under torchrun: 'ddp' (replicas) or 'fsdp' (FSDP2: sharded "
                          "weights, gradients and optimizer state)")
     checkpointing: str = _opt("none", "activation checkpointing: 'none', 'block' (per flow "
@@ -105,7 +108,7 @@ class TrainConfig:
 #: settings a resumed run may change: how and how often it runs, and how long, not what it
 #: computes (the rest would make the resumed run a different run)
 RESUMABLE = ("steps", "time_limit", "device", "amp", "compile", "parallel", "checkpointing",
-             "reversible", "tensorboard", "log_every", "eval_every", "eval_images",
+             "reversible", "tensorboard", "wandb", "log_every", "eval_every", "eval_images",
              "sample_every", "checkpoint_every", "max_bad_steps", "keep_checkpoints",
              "snapshot_every")
 

@@ -4,6 +4,7 @@
 
     RUN/config.json          resolved model, training and data configs
     RUN/metrics.jsonl        one strict-JSON line per log/eval step
+    RUN/log.txt              the console output of every session (appended)
     RUN/samples/NAME.png     sample grids of the EMA model
     RUN/checkpoint.pt        resumable state (+ checkpoint.prev.pt, the one before)
     RUN/checkpoints/step_N.pt  older checkpoints kept with --keep-checkpoints
@@ -38,6 +39,7 @@ from .torchfile import is_state_dict, torch_load_safe
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+CONSOLE = "log.txt"
 CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = "checkpoint.prev.pt"
 MODEL = "model"
@@ -93,6 +95,7 @@ class RunDir:
         self.path = Path(path)
         self.config_path = self.path / CONFIG
         self.metrics_path = self.path / METRICS
+        self.console_path = self.path / CONSOLE
         self.checkpoint_path = self.path / CHECKPOINT
         self.prev_checkpoint_path = self.path / PREV_CHECKPOINT
         self.model_dir = self.path / MODEL
@@ -171,6 +174,16 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json_line(dict(record)) + "\n")
+
+    def console(self, text: str) -> None:
+        """Append a line of the console output to ``log.txt`` (best effort: a full disk must
+        not stop training)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.console_path, "a") as f:
+                f.write(text.rstrip("\n") + "\n")
+        except OSError:
+            pass
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric lines past ``step`` (written after the checkpoint a resume starts from)

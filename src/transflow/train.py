@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +38,7 @@ from .images import grid, levels_to_pixels, save_png
 from .likelihood import bits_per_dim, unit_to_levels
 from .recipe import TrainConfig, learning_rate, make_optimizer, update_ema
 from .rundir import CHECKPOINT, RunDir
+from .trackers import make_trackers
 from .version import __version__
 
 __all__ = ["train", "Trainer", "TrainState", "TimeBudget", "TrainConfig", "make_batch",
@@ -238,7 +240,9 @@ class Trainer:
                          else nullcontext())
         self.forward = torch.compile(self.net) if cfg.compile else self.net
         self.x_train = data.x_train.pin_memory() if device.type == "cuda" else data.x_train
-        self.writer = tensorboard_writer(run.path) if (cfg.tensorboard and info.main) else None
+        self.trackers = (make_trackers(run.path, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                       config=self.resolved, resume=resume)
+                         if info.main else [])
         self.step_flops = train_flops(model_config)  # per image; model_tflops / peak = MFU
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -334,10 +338,9 @@ class Trainer:
         # -- Interrupted: save the state and say how to continue --------------------------------
         if interrupted:
             self.save_checkpoint(elapsed)
-            if info.main:
-                print(f"\n{interrupted}: saved a checkpoint at step {state.step} in "
-                      f"{self.run.path}; continue with `transflow train --resume "
-                      f"{self.run.path}`", file=sys.stderr)
+            self.say(f"\n{interrupted}: saved a checkpoint at step {state.step} in "
+                     f"{self.run.path}; continue with `transflow train --resume "
+                     f"{self.run.path}`")
             raise SystemExit(130 if interrupted == "Ctrl-C" else 143)
         return self.finish(elapsed)
 
@@ -414,8 +417,8 @@ class Trainer:
             self.run.save_model(final if self.sharded else self.model,
                                 ema_state_dict=final.state_dict())
         dist_.barrier()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
         return {"run_dir": str(self.run.path), "steps": self.state.step, "test_bpd": ev["bpd"],
                 "test_se": ev["se"], "test_images": ev["images"], "seconds": elapsed,
                 "skipped_steps": self.state.bad_steps,
@@ -430,13 +433,14 @@ class Trainer:
             self.run.write_config(self.resolved)
 
     def log(self, record: dict[str, Any]) -> None:
+        """One metrics record: ``metrics.jsonl``, a line of ``log.txt``, the trackers."""
         if not self.info.main:
             return
         self.run.log(record)
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, record["step"])
+        self.run.console(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in record.items()))
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def save_checkpoint(self, elapsed: float) -> None:
         """Gathering sharded tensors is collective: every rank calls this, rank 0 writes."""
@@ -479,10 +483,19 @@ class Trainer:
             return
         path = self.run.sample_path(name)
         try:
-            save_sample_grid(model, path, seed=self.cfg.seed)
+            pixels = save_sample_grid(model, path, seed=self.cfg.seed)
         except OSError as e:
-            print(f"warning: could not write sample grid {path} ({e.strerror or e}); training "
-                  "continues", file=sys.stderr)
+            self.say(f"warning: could not write sample grid {path} ({e.strerror or e}); "
+                     "training continues")
+            return
+        for tracker in self.trackers:
+            tracker.image(f"samples/{Path(name).stem}", self.state.step, pixels)
+
+    def say(self, text: str) -> None:
+        """A message on stderr and in ``log.txt`` (rank 0)."""
+        if self.info.main:
+            print(text, file=sys.stderr)
+            self.run.console(text)
 
 
 def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: str | Path, *,
@@ -522,17 +535,19 @@ def grid_labels(config: FlowConfig, per_class: int = 8) -> tuple[Tensor | None, 
 
 
 @torch.no_grad()
-def save_sample_grid(model: Flow, path: Path, seed: int = 0) -> None:
+def save_sample_grid(model: Flow, path: Path, seed: int = 0) -> np.ndarray:
     """Write a PNG grid of samples drawn by the one sampler with ``seed`` (image ``i`` from seed
     ``seed + i``, as ``transflow sample``): one row per class for conditional models, else
-    8x8."""
+    8x8. Returns the grid ``uint8 [H, W, C]``."""
     cfg = model.config
     y, n, nrow = grid_labels(cfg)
     x = model.sample(n, y, seed=seed)
     x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
     pixels = levels_to_pixels(unit_to_levels(x, cfg.num_levels), cfg.num_levels)
     scale = max(1, 128 // (cfg.image_size * nrow) + 1) if cfg.image_size < 32 else 1
-    save_png(grid(pixels, nrow=nrow), path, upscale=scale)
+    mosaic = grid(pixels, nrow=nrow)
+    save_png(mosaic, path, upscale=scale)
+    return mosaic
 
 
 def init_weights(model: Flow, source: str) -> None:
@@ -549,12 +564,3 @@ def init_weights(model: Flow, source: str) -> None:
     if extra:
         raise ValueError(f"--init-from {source}: unexpected tensor {extra[0]!r}")
     model.load_state_dict(theirs)
-
-
-def tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError("--tensorboard needs the optional extra: pip install "
-                         "'transflow[tensorboard]'") from e
-    return SummaryWriter(str(run_dir / "tensorboard"))

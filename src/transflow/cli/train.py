@@ -208,12 +208,23 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(model_cfg, data, cfg, run, data_spec=spec, resume=bool(args.resume),
                       init_from=args.init_from, progress=progress)  # reads the checkpoint
     if main_rank:
-        print(f"transflow train: {model_cfg.family} on {data.describe()}", flush=True)
-    summary = trainer.fit()
+        say(run, f"transflow train: {model_cfg.family} on {data.describe()}")
+    try:
+        summary = trainer.fit()
+    except (ValueError, OSError) as e:  # recorded in log.txt, then reported by the CLI
+        if main_rank:
+            run.console(f"transflow train: error: {' '.join(str(e).split())}")
+        raise
     if main_rank:
-        print(_summary_text(summary, model_cfg))
+        say(run, _summary_text(summary, model_cfg))
     dist_.teardown()
     return summary
+
+
+def say(run: RunDir, text: str) -> None:
+    """A line on stdout and in the run's ``log.txt``."""
+    print(text, flush=True)
+    run.console(text)
 
 
 def _summary_text(s: dict[str, Any], cfg: FlowConfig) -> str:
