@@ -524,3 +524,8 @@ def test_push_a_run_from_the_cli_and_load_a_bare_repo_id(tmp_path, monkeypatch, 
         load(run, revision="v1")
     with pytest.raises(ValueError, match="dtype must be a floating-point"):
         load(run, dtype=torch.int8)
+    # from a model directory (not a run): no training section, no sample grid
+    assert main(["push", str(run / "model"), "me/bare"]) == 0
+    assert calls["uploads"][-1][:3] == ("me/bare", None, ["README.md", "config.json",
+                                                          "model.safetensors"])
+    assert "Not recorded" in (tmp_path / "hub" / "me__bare" / "main" / "README.md").read_text()
