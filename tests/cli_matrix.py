@@ -238,8 +238,11 @@ def mount_full_disk(root: Path) -> tuple[Path | None, str]:
     full.mkdir(exist_ok=True)
     if os.geteuid() != 0:
         return None, "mounting a tmpfs needs root"
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(full)],
-                       capture_output=True, text=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs",
+                            str(full)], capture_output=True, text=True)
+    except OSError as e:
+        return None, f"cannot run mount: {e}"
     if r.returncode != 0:
         return None, f"cannot mount a tmpfs: {r.stderr.strip() or r.returncode}"
     shutil.copytree(root / "run", full / "run")
@@ -253,7 +256,10 @@ def mount_full_disk(root: Path) -> tuple[Path | None, str]:
 
 def unmount(full: Path | None) -> None:
     if full is not None:
-        subprocess.run(["umount", str(full)], capture_output=True)
+        try:
+            subprocess.run(["umount", str(full)], capture_output=True)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------
