@@ -391,39 +391,17 @@ def test_missing_hub_extra_is_a_clear_error(monkeypatch):
 
 def test_hub_download_and_upload_with_a_fake_library(tmp_path, monkeypatch):
     model = make_model("tarflow", "vp-cond")
-    calls: dict = {}
-    remote = tmp_path / "remote"
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=None):
-        calls["download"] = (repo_id, revision, allow_patterns)
-        return str(remote)
-
-    class HfApi:
-        def __init__(self, token=None):
-            calls["token"] = token
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            calls["create"] = (repo_id, private, exist_ok)
-
-        def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
-            calls["upload"] = (repo_id, sorted(os.listdir(folder_path)), commit_message)
-            import shutil
-            shutil.copytree(folder_path, remote)
-            return f"https://huggingface.co/{repo_id}/commit/abc"
-
-    fake = types.ModuleType("huggingface_hub")
-    fake.snapshot_download = snapshot_download
-    fake.HfApi = HfApi
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    calls = _fake_hub(monkeypatch, tmp_path / "remote")
 
     url = push_to_hub(model, "me/flow", private=True, token="t")
-    assert url.endswith("/commit/abc")
+    assert url.endswith("/commit/main")
     assert calls["create"] == ("me/flow", True, True) and calls["token"] == "t"
-    assert calls["upload"][1] == ["README.md", "config.json", "model.safetensors"]
-    assert "library_name: transflow" in (remote / "README.md").read_text()
+    assert calls["uploads"][-1][2] == ["README.md", "config.json", "model.safetensors"]
+    assert "library_name: transflow" in (tmp_path / "remote" / "me__flow" / "main" /
+                                         "README.md").read_text()
 
     loaded = load("hf://me/flow@main")
-    assert calls["download"] == ("me/flow", "main", ["config.json", "model.safetensors"])
+    assert calls["downloads"][-1] == ("me/flow", "main", ["config.json", "model.safetensors"])
     identical(loaded, model)
     with pytest.raises(ValueError, match="not a Hub repo id"):
         push_to_hub(model, "me/flow@main")
