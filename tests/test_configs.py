@@ -63,7 +63,7 @@ def count(config) -> tuple[int, int]:
 
 
 # Parameter counts of the original implementations for the published configs.
-ORIGINAL = {"tarflow-imagenet64": 460_142_784, "tarflow-afhq256": 463_481_856,
+ORIGINAL = {"tarflow-imagenet64-bpd": 460_142_784, "tarflow-afhq256": 463_481_856,
             "tarflow-imagenet128": 823_927_552, "jet-imagenet64": 207_177_216}
 
 
@@ -86,6 +86,33 @@ def test_published_configs_match_the_papers():
     j = get_config("jet-imagenet64")
     assert (j.couplings, j.block_depth, j.width, j.heads, j.patch_size) == (32, 2, 512, 8, 4)
     assert get_config("tarflow-imagenet64", num_classes=5).num_classes == 5
+
+
+# REFERENCE §3 (ml-tarflow's published runs) and §6 (Jet's ImageNet 64 config)
+PUBLISHED_RECIPES = {
+    # preset: (batch, epochs, lr, warmup epochs, dequant, noise, label drop, amp)
+    "tarflow-imagenet64-bpd": (256, 100, 1e-4, 1, "uniform", 0.0, 0.0, "fp32"),
+    "tarflow-imagenet64": (256, 200, 1e-4, 1, "gaussian", 0.05, 0.1, "auto"),
+    "tarflow-imagenet128": (768, 320, 1e-4, 1, "gaussian", 0.15, 0.1, "auto"),
+    "tarflow-afhq256": (256, 4000, 1e-4, 1, "gaussian", 0.07, 0.1, "auto"),
+    "jet-imagenet64": (1024, 200, 3e-4, 20, "uniform", 0.0, 0.0, "auto"),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_RECIPES))
+def test_published_presets_carry_the_published_recipes(name):
+    from transflow.presets import get_preset
+    from transflow.recipe import check_noise
+
+    p = get_preset(name)
+    t = p.train
+    assert (t.batch_size, t.epochs, t.lr, t.warmup_epochs, t.dequant, p.model.noise_std,
+            t.label_drop, t.amp) == PUBLISHED_RECIPES[name]
+    check_noise(p.model.noise_std, t)  # the model's noise is the noise it trains with
+    if name == "jet-imagenet64":
+        assert (t.weight_decay, t.grad_clip) == (1e-5, 1.0)
+    else:
+        assert (t.weight_decay, t.min_lr) == (1e-4, 1e-6)
 
 
 @pytest.mark.parametrize("make,match", [

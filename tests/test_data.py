@@ -33,13 +33,16 @@ def test_flat_folder_is_unlabelled_and_grey_stays_grey(tmp_path):
     assert d.num_classes == 0 and d.y_train is None and d.channels == 1 and d.image_size == 9
 
 
-def test_centre_crop_then_resize(tmp_path):
+def test_resize_then_centre_crop_or_box(tmp_path):
     a = np.zeros((10, 30, 3), dtype=np.uint8)
-    a[:, 10:20] = 255  # the centre square is white, the sides black
+    a[:, 7:23] = 255  # the centre (with a margin for the filter) is white, the sides black
     for i in range(10):
         Image.fromarray(a).save(tmp_path / f"{i}.png")
-    d = load_data(str(tmp_path), image_size=5)
+    d = load_data(str(tmp_path), image_size=5)  # shorter side to 5, then the centre 5x5
     assert d.x_train.shape[1:] == (3, 5, 5) and int(d.x_train.min()) == 255
+    # box: the whole 30x10 image squeezed to 5x5 (aspect not kept): black sides remain
+    b = load_data(str(tmp_path), image_size=5, resize="box")
+    assert b.x_train[0, 0, :, 0].tolist() == [0] * 5 and b.x_train[0, 0, :, 2].tolist() == [255] * 5
 
 
 def test_train_test_subfolders_are_the_splits(tmp_path):

@@ -95,18 +95,18 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, digits, monke
     cfg, tc = tiny_tarflow(digits), TrainConfig(steps=40, **FAST)
     train(cfg, digits, tc, tmp_path / "a", progress=False)
 
-    real = T.make_batch
+    real = T.Trainer.batch
 
-    def interrupt_at_25(x, y, step, *a, **k):
+    def interrupt_at_25(self, step):
         if step == 25:
             raise KeyboardInterrupt
-        return real(x, y, step, *a, **k)
+        return real(self, step)
 
-    monkeypatch.setattr(T, "make_batch", interrupt_at_25)
+    monkeypatch.setattr(T.Trainer, "batch", interrupt_at_25)
     with pytest.raises(SystemExit):
         train(cfg, digits, tc, tmp_path / "b", progress=False)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 25
-    monkeypatch.setattr(T, "make_batch", real)
+    monkeypatch.setattr(T.Trainer, "batch", real)
     train(cfg, digits, tc, tmp_path / "b", resume=True, progress=False)
 
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
@@ -115,9 +115,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, digits, monke
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-    strip = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec", "model_tflops")}
+    strip = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec", "model_tflops", "peak_rss_mb")}
              for r in read_metrics(tmp_path / "a")]
-    strip_b = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec", "model_tflops")}
+    strip_b = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec", "model_tflops", "peak_rss_mb")}
                for r in read_metrics(tmp_path / "b")]
     assert strip == strip_b
 

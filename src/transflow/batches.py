@@ -2,17 +2,23 @@
 
 The data order is a per-epoch permutation seeded by ``(seed, epoch)``; the step's dequantization
 noise, flips and label drops come from a generator seeded by ``(seed, step)``. So a resumed run
-sees exactly the batches it would have seen, and N data-parallel processes, each keeping its
-slice of the same global batch, see exactly the batches of one process.
+sees exactly the batches it would have seen, and N data-parallel processes, each reading only
+its slice of the same global batch, see exactly the batches of one process. :class:`Prefetcher`
+prepares the coming batches in a background thread.
 """
 
 from __future__ import annotations
 
 import functools
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .distributed import SINGLE, DistInfo
 from .flows import FlowConfig
 from .likelihood import dequantize_gaussian, dequantize_uniform
 from .recipe import TrainConfig
@@ -46,23 +52,113 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:
     return torch.cat(out)
 
 
-def make_batch(x_levels: Tensor, y: Tensor | None, step: int, cfg: TrainConfig,
-               model_cfg: FlowConfig, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """The dequantized, augmented batch of ``step``: ``x [B, C, H, W]`` in [-1, 1], ``y [B]``."""
-    idx = batch_indices(step, cfg.batch_size, len(x_levels), cfg.seed)
-    k = x_levels[idx].to(device, non_blocking=True)
+def rank_rows(batch_size: int, info: DistInfo = SINGLE) -> slice:
+    """This rank's contiguous ``1 / world`` slice of the rows of a global batch (as
+    :func:`transflow.distributed.shard_rows`)."""
+    per = batch_size // info.world
+    return slice(info.rank * per, (info.rank + 1) * per)
+
+
+def gather_batch(x_levels: Any, y: Tensor | None, step: int, cfg: TrainConfig,
+                 info: DistInfo = SINGLE, pin: bool = False) -> tuple[Tensor, Tensor | None]:
+    """This rank's images of global batch ``step``, read from ``x_levels`` (a tensor or an
+    array read by index, :mod:`transflow.arrays`): ``uint8 [B / world, C, H, W]`` on the CPU
+    and their labels. Only these rows are read."""
+    idx = batch_indices(step, cfg.batch_size, len(x_levels), cfg.seed)[rank_rows(
+        cfg.batch_size, info)]
+    k = x_levels[idx]
+    if pin:
+        k = k.pin_memory()
+    return k, None if y is None else y[idx]
+
+
+def augment_batch(k: Tensor, y: Tensor | None, step: int, cfg: TrainConfig,
+                  model_cfg: FlowConfig, device: torch.device, info: DistInfo = SINGLE
+                  ) -> tuple[Tensor, Tensor | None]:
+    """Dequantize and augment this rank's rows ``k`` of batch ``step``: ``x [B / world, C, H, W]``
+    in [-1, 1] and ``y``. The noise, flips and label drops are drawn for the whole global batch
+    and sliced, so N ranks together see the batch of one process."""
+    rows = rank_rows(cfg.batch_size, info)
+    k = k.to(device, non_blocking=True)
     g = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, step, 1))
+    shape = (cfg.batch_size, *k.shape[1:])
     if cfg.dequant == "gaussian":
-        x = dequantize_gaussian(k, model_cfg.num_levels, model_cfg.noise_std, generator=g)
+        noise = torch.randn(shape, generator=g, device=device)[rows]
+        x = dequantize_gaussian(k, model_cfg.num_levels, model_cfg.noise_std, noise=noise)
     else:
-        x = dequantize_uniform(k, model_cfg.num_levels, generator=g)
+        noise = torch.rand(shape, generator=g, device=device)[rows]
+        x = dequantize_uniform(k, model_cfg.num_levels, noise=noise)
     if cfg.flip:
-        flip = torch.rand(len(x), generator=g, device=device) < 0.5
+        flip = (torch.rand(cfg.batch_size, generator=g, device=device) < 0.5)[rows]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     labels = None
     if model_cfg.num_classes and y is not None:
-        labels = y[idx].to(device)
+        labels = y.to(device)
         if cfg.label_drop > 0:
-            drop = torch.rand(len(labels), generator=g, device=device) < cfg.label_drop
+            drop = (torch.rand(cfg.batch_size, generator=g, device=device)
+                    < cfg.label_drop)[rows]
             labels = torch.where(drop, torch.full_like(labels, -1), labels)
     return x, labels
+
+
+def make_batch(x_levels: Any, y: Tensor | None, step: int, cfg: TrainConfig,
+               model_cfg: FlowConfig, device: torch.device, info: DistInfo = SINGLE
+               ) -> tuple[Tensor, Tensor | None]:
+    """This rank's slice of the dequantized, augmented batch of ``step``: ``x [B / world, C,
+    H, W]`` in [-1, 1], ``y [B / world]`` (the whole batch in one process)."""
+    k, labels = gather_batch(x_levels, y, step, cfg, info)
+    return augment_batch(k, labels, step, cfg, model_cfg, device, info)
+
+
+class Prefetcher:
+    """Runs ``make(step)`` for the coming steps in a background thread, ``depth`` ahead, so
+    that reading and dequantizing a batch overlaps the model's step. ``get(step)`` returns
+    ``make(step)`` (computed here when the thread is not at that step); errors in the thread
+    are raised by ``get``. The results are those of calling ``make`` directly."""
+
+    def __init__(self, make: Callable[[int], Any], first_step: int, depth: int = 2):
+        self.make, self.depth = make, depth
+        self._start(first_step)
+
+    def _start(self, step: int) -> None:
+        self.next = step
+        self._queue: queue.Queue = queue.Queue(maxsize=self.depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(step, self._queue, self._stop),
+                                        name="transflow-batches", daemon=True)
+        self._thread.start()
+
+    def _run(self, step: int, q: queue.Queue, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                item: tuple[bool, Any] = (True, self.make(step))
+            except BaseException as e:  # handed to get() on the main thread
+                item = (False, e)
+            while not stop.is_set():
+                try:
+                    q.put((step, item), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not item[0]:
+                return
+            step += 1
+
+    def get(self, step: int) -> Any:
+        if step != self.next:  # the loop moved elsewhere: restart the thread there
+            self.close()
+            self._start(step)
+        got, (ok, value) = self._queue.get()
+        self.next = got + 1
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()

@@ -1,22 +1,27 @@
-"""Image data sets as integer arrays in memory.
+"""Image data sets as integer arrays: in memory, or read by index from a prepared set on disk.
 
-Every source is loaded into an :class:`ImageData`: ``uint8`` tensors ``[N, C, H, W]`` holding levels
+Every source becomes an :class:`ImageData`: images ``uint8 [N, C, H, W]`` holding levels
 ``0..K-1`` (``K = num_levels``; 256 for 8-bit images, 17 for scikit-learn's digits), integer labels
-``[N]`` (or ``None``) and a fixed train/test split. Dequantization happens later, per batch.
+``[N]`` (or ``None``) and a fixed train/test split. The images are a ``torch.Tensor`` or an
+object indexed like one (:mod:`transflow.arrays`: a prepared set's ``.npy`` files, a map-style
+dataset), so a set larger than memory is never loaded. Dequantization happens later, per batch.
 
 Sources (``load_data(spec)``):
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 17 levels, 10 classes). Split: a
   permutation of the 1797 indices with ``numpy.random.default_rng(0)``; the first 360 are the test
   split, the remaining 1437 the train split.
+- a prepared data set (a directory with ``manifest.json``, made by ``transflow prepare``): read
+  on demand, never loaded whole (:mod:`transflow.prepared`).
 - ``PATH.npz``: ``uint8`` arrays ``x_train [N, H, W, C]``, ``y_train [N]``, ``x_test``, ``y_test``.
-- ``DIR``: an image folder (PNG/JPEG/...). One subfolder per class (sorted names are classes
-  0..K-1) or a flat folder (unlabelled). If ``DIR/train`` and ``DIR/test`` exist they are the
-  splits; otherwise every 10th file (sorted order) is held out for test. Images are centre-cropped
-  to a square and resized to ``image_size`` (bicubic); unreadable files are skipped with a warning
-  and counted, or raise in ``strict`` mode.
-- ``hf:NAME[:CONFIG]``: a Hugging Face data set (optional extra ``hf``), ``image``/``img`` and
-  ``label`` columns, splits ``train`` and ``test``.
+- ``DIR``: an image folder (PNG/JPEG/...), see :mod:`transflow.imagefiles` for the layouts,
+  resizing (``resize``: ``center-crop`` or ``box``) and colour conversions; unreadable files are
+  skipped with a warning and counted, or raise in ``strict`` mode. Decoded at every load: for
+  large folders run ``transflow prepare`` once.
+- ``hf:NAME[:CONFIG]`` or ``hf:PATH`` (a ``save_to_disk`` directory): a Hugging Face dataset
+  (optional extra ``hf``), splits and label column chosen by :class:`transflow.hfdata.HFOptions`.
+
+:func:`from_datasets` wraps map-style ``torch.utils.data.Dataset`` objects.
 """
 
 from __future__ import annotations
@@ -24,26 +29,43 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from .arrays import DatasetImages, dataset_labels
+from .hfdata import HFOptions, columns, example_image, open_splits
+from .imagefiles import (
+    IMAGE_SUFFIXES,
+    RESIZE_MODES,
+    decode_any,
+    decode_file,
+    looks_like_image,
+    pil_to_array,
+    plan_folder,
+)
+from .prepared import is_prepared, is_unfinished, open_split, read_manifest
+
+__all__ = ["ImageData", "load_data", "from_datasets", "pil_to_array", "IMAGE_SUFFIXES",
+           "HFOptions"]
 
 
 @dataclasses.dataclass
 class ImageData:
-    """An in-memory image data set: ``x_* uint8 [N, C, H, W]``, ``y_* int64 [N]`` or ``None``."""
+    """An image data set: ``x_*`` ``uint8 [N, C, H, W]`` (a tensor, or indexed like one),
+    ``y_*`` ``int64 [N]`` in memory or ``None``."""
 
     name: str
-    x_train: Tensor
+    x_train: Any
     y_train: Tensor | None
-    x_test: Tensor
+    x_test: Any
     y_test: Tensor | None
     num_levels: int = 256
     num_classes: int = 0
     skipped: int = 0
+    classes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -53,7 +75,11 @@ class ImageData:
     def image_size(self) -> int:
         return int(self.x_train.shape[2])
 
-    def split(self, which: str) -> tuple[Tensor, Tensor | None]:
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.x_train, Tensor)
+
+    def split(self, which: str) -> tuple[Any, Tensor | None]:
         if which not in ("train", "test"):
             raise ValueError(f"unknown split {which!r}; expected 'train' or 'test'")
         return (self.x_train, self.y_train) if which == "train" else (self.x_test, self.y_test)
@@ -66,20 +92,26 @@ class ImageData:
 
 
 def load_data(spec: str = "digits", image_size: int | None = None, channels: int | None = None,
-              strict: bool = False) -> ImageData:
+              strict: bool = False, *, resize: str = "center-crop",
+              hf: HFOptions | None = None) -> ImageData:
     """Load a data set by name or path (see the module docstring). ``image_size`` resizes image
-    folders (and must match the arrays of other sources); ``channels`` (1 or 3) converts folders."""
+    folders and hf: sets (and must match the arrays of other sources); ``channels`` (1 or 3)
+    converts them; ``resize`` says how; ``hf`` chooses the splits and columns of hf: sets."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
     if spec == "digits":
         data = _digits()
     elif spec.startswith("hf:"):
-        data = _huggingface(spec[3:], image_size, channels)
+        data = _huggingface(spec[3:], image_size, channels, resize, hf or HFOptions())
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise ValueError(f"data {spec!r} not found: expected 'digits', an .npz file, an "
-                             "image folder or hf:NAME")
-        if path.is_dir():
-            data = _folder(path, image_size, channels, strict)
+            raise ValueError(f"data {spec!r} not found: expected 'digits', a prepared data set, "
+                             "an .npz file, an image folder or hf:NAME")
+        if is_prepared(path) or is_unfinished(path):
+            data = _prepared(path)
+        elif path.is_dir():
+            data = _folder(path, image_size, channels, strict, resize)
         elif path.suffix == ".npz":
             data = _npz(path)
         else:
@@ -184,74 +216,20 @@ def _npz(path: Path) -> ImageData:
                      num_levels=256, num_classes=k)
 
 
-def _read_image(path: Path, size: int | None, channels: int | None) -> np.ndarray:
-    from PIL import Image
+def _folder(root: Path, image_size: int | None, channels: int | None, strict: bool,
+            resize: str) -> ImageData:
+    plan = plan_folder(root, image_size, channels, strict)
+    listing, notes = plan.listing, list(plan.notes)
 
-    with Image.open(path) as im:
-        im.load()
-        return pil_to_array(im, size, channels)
-
-
-def _list_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subdirs:
-        files, labels = [], []
-        for label, d in enumerate(subdirs):
-            for f in sorted(d.rglob("*")):
-                if f.is_file() and not f.name.startswith("."):
-                    files.append(f)
-                    labels.append(label)
-        return files, labels, [d.name for d in subdirs]
-    files = sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith("."))
-    return files, [], []
-
-
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-
-
-def _headers(files: list[Path], strict: bool) -> dict[Path, tuple[int, int]]:
-    """``{file: (channels it would have, side of its centre square)}`` from the image headers
-    (no decoding) of the files that look like images."""
-    from PIL import Image
-
-    out = {}
-    for f in files:
-        if f.suffix.lower() not in IMAGE_SUFFIXES and not strict:
-            continue
-        try:
-            with Image.open(f) as im:
-                out[f] = (1 if im.mode in _GREY_MODES else 3, min(im.size))
-        except Exception as e:
-            if strict:
-                raise ValueError(f"cannot read image {f}: {e}") from e
-    return out
-
-
-def _choose(given: int | None, values: list[int], notes: list[str], note) -> int:
-    """``given``, else the most common of ``values``; a note of how many images differ."""
-    if given is not None:
-        return given
-    counts: dict[int, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    chosen = max(sorted(counts), key=counts.__getitem__)
-    others = len(values) - counts[chosen]
-    if others:
-        notes.append(note(others, chosen))
-    return chosen
-
-
-def _folder(root: Path, image_size: int | None, channels: int | None,
-            strict: bool) -> ImageData:
     def read(files: list[Path], labels: list[int]
              ) -> tuple[list[np.ndarray], list[int], int, int]:
         images, kept, unreadable, other = [], [], 0, 0
         for f, lab in zip(files, labels or [0] * len(files), strict=True):
-            if f.suffix.lower() not in IMAGE_SUFFIXES and not strict:
+            if not looks_like_image(f) and not strict:
                 other += 1
                 continue
             try:
-                a = _read_image(f, size, channels)
+                a, _ = decode_file(f, plan.size, plan.channels, resize)
             except Exception as e:
                 if strict:
                     raise ValueError(f"cannot read image {f}: {e}") from e
@@ -261,46 +239,23 @@ def _folder(root: Path, image_size: int | None, channels: int | None,
             kept.append(lab)
         return images, kept, unreadable, other
 
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        f_tr, l_tr, classes = _list_images(root / "train")
-        f_te, l_te, classes_te = _list_images(root / "test")
-        if classes != classes_te:
-            raise ValueError(f"{root}: train and test have different class folders")
-    else:
-        files, labels, classes = _list_images(root)
-        test_idx = set(range(0, len(files), 10))
-        f_tr = [f for i, f in enumerate(files) if i not in test_idx]
-        f_te = [f for i, f in enumerate(files) if i in test_idx]
-        l_tr = [v for i, v in enumerate(labels) if i not in test_idx]
-        l_te = [v for i, v in enumerate(labels) if i in test_idx]
-    if not f_tr and not f_te:
-        raise ValueError(f"image folder {root} contains no files")
-    # one channel count and one size for every image: given, else the majority's (stated)
-    headers = _headers(f_tr + f_te, strict) or {root: (channels or 1, image_size or 1)}
-    notes: list[str] = []
-    channels = _choose(channels, [c for c, _ in headers.values()], notes,
-                       lambda n, c: f"converted {n} image(s) to {'grey' if c == 1 else 'RGB'} "
-                                    "(the majority; choose with --channels)")
-    size = _choose(image_size, [s for _, s in headers.values()], notes,
-                   lambda n, s: f"resized {n} image(s) to {s}x{s} (the most common size; choose "
-                                "with --image-size)")
-    im_tr, y_tr, u_tr, o_tr = read(f_tr, l_tr)
-    im_te, y_te, u_te, o_te = read(f_te, l_te)
+    im_tr, y_tr, u_tr, o_tr = read(listing.train, listing.train_labels)
+    im_te, y_te, u_te, o_te = read(listing.test, listing.test_labels)
     unreadable, other = u_tr + u_te, o_tr + o_te
     if unreadable or other:
         notes.append(f"skipped {unreadable + other} file(s): {unreadable} unreadable image(s), "
                      f"{other} with no image suffix")
     if notes:
-        warnings.warn(f"{root}: {'; '.join(notes)}", stacklevel=2)
+        warnings.warn(f"{root}: {'; '.join(notes)}", stacklevel=3)
     if not im_tr or not im_te:
         raise ValueError(f"image folder {root}: no readable images in the "
                          f"{'train' if not im_tr else 'test'} split")
+    classes = listing.classes
     if classes:
         empty = [c for i, c in enumerate(classes) if i not in set(y_tr)]
         if empty:
             raise ValueError(f"image folder {root}: class folder(s) {empty[:3]} have no readable "
                              "training images")
-    skipped = unreadable + other
 
     def stack(ims: list[np.ndarray]) -> Tensor:
         return torch.from_numpy(np.stack(ims))
@@ -308,45 +263,60 @@ def _folder(root: Path, image_size: int | None, channels: int | None,
     labelled = bool(classes)
     return ImageData(root.name, stack(im_tr), torch.tensor(y_tr) if labelled else None,
                      stack(im_te), torch.tensor(y_te) if labelled else None, num_levels=256,
-                     num_classes=len(classes), skipped=skipped)
+                     num_classes=len(classes), skipped=unreadable + other, classes=classes)
 
 
-def _huggingface(name: str, image_size: int | None, channels: int | None) -> ImageData:
-    try:
-        import datasets  # noqa: F401
-    except ImportError as e:
-        raise ValueError("hf: data sets need the optional extra: pip install 'transflow[hf]'") \
-            from e
-    from datasets import load_dataset
-
-    repo, _, config = name.partition(":")
-    ds = load_dataset(repo, config or None)
+def _huggingface(name: str, image_size: int | None, channels: int | None, resize: str,
+                 opts: HFOptions) -> ImageData:
+    if opts.stream:
+        raise ValueError("--stream is for `transflow prepare hf:NAME OUT` (a streamed set is "
+                         "written to disk once); train on the prepared OUT")
+    train, test, _, _ = open_splits(name, opts)
+    image_col, label_col, names = columns(train, name, opts)
     out = {}
-    for split in ("train", "test"):
-        if split not in ds:
-            raise ValueError(f"hf:{name} has no {split!r} split (has {list(ds)})")
-        d = ds[split]
-        col = next((c for c in ("image", "img") if c in d.column_names), None)
-        if col is None:
-            raise ValueError(f"hf:{name} has no image column (columns: {d.column_names})")
-        x = torch.from_numpy(np.stack([pil_to_array(ex[col], image_size, channels)
-                                       for ex in d]))
-        y = torch.tensor(d["label"], dtype=torch.long) if "label" in d.column_names else None
+    for split, d in (("train", train), ("test", test)):
+        x = torch.from_numpy(np.stack([decode_any(example_image(ex[image_col]), image_size,
+                                                  channels, resize)[0] for ex in d]))
+        y = (torch.tensor([int(v) for v in d[label_col]], dtype=torch.long) if label_col
+             else None)
         out[split] = (x, y)
-    k = int(out["train"][1].max()) + 1 if out["train"][1] is not None else 0
-    return ImageData(f"hf:{name}", *out["train"], *out["test"], num_levels=256, num_classes=k)
+    k = 0
+    if label_col:
+        k = len(names) or int(torch.cat([out["train"][1], out["test"][1]]).max()) + 1
+    return ImageData(f"hf:{name}", *out["train"], *out["test"], num_levels=256, num_classes=k,
+                     classes=names)
 
 
-def pil_to_array(im, size: int | None, channels: int | None) -> np.ndarray:
-    """PIL image -> ``uint8 [C, size, size]``: grey or RGB, centre-cropped square, resized."""
-    from PIL import Image
+def _prepared(root: Path) -> ImageData:
+    manifest = read_manifest(root)
+    x_tr, y_tr = open_split(root, manifest, "train")
+    x_te, y_te = open_split(root, manifest, "test")
+    return ImageData(root.name, x_tr, y_tr, x_te, y_te, num_levels=manifest["num_levels"],
+                     num_classes=manifest["num_classes"], classes=manifest.get("classes", []))
 
-    mode = {1: "L", 3: "RGB", None: "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"}[channels]
-    im = im.convert(mode)
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if size is not None and s != size:
-        im = im.resize((size, size), Image.BICUBIC)
-    a = np.asarray(im, dtype=np.uint8)
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+def from_datasets(train: Any, test: Any | None = None, *, name: str = "dataset",
+                  num_levels: int = 256, num_classes: int | None = None) -> ImageData:
+    """An :class:`ImageData` over map-style ``torch.utils.data.Dataset`` objects of ``(uint8
+    image [C, H, W] or [H, W, C], label)`` (or bare images), read on demand. Without ``test``
+    every 10th item of ``train`` is held out for test. Labels are the datasets' ``targets``
+    attribute, else read in one pass; ``num_classes`` defaults to the largest label + 1."""
+    if test is None:
+        n = len(train)
+        held = set(range(0, n, 10))
+        idx_tr, idx_te = [i for i in range(n) if i not in held], sorted(held)
+        test = train
+    else:
+        idx_tr, idx_te = None, None
+    x_tr, x_te = DatasetImages(train, idx_tr), DatasetImages(test, idx_te)
+    y_tr_all, y_te_all = dataset_labels(train), dataset_labels(test)
+    y_tr = y_tr_all if y_tr_all is None or idx_tr is None else y_tr_all[idx_tr]
+    y_te = y_te_all if y_te_all is None or idx_te is None else y_te_all[idx_te]
+    if (y_tr is None) != (y_te is None):
+        raise ValueError("the train and test datasets must both have labels, or neither")
+    k = 0
+    if y_tr is not None:
+        k = num_classes if num_classes is not None else int(torch.cat([y_tr, y_te]).max()) + 1
+    data = ImageData(name, x_tr, y_tr, x_te, y_te, num_levels=num_levels, num_classes=k)
+    _validate(data, None, None)
+    return data

@@ -14,6 +14,7 @@ single-process layout, so a run can resume with any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -93,6 +94,17 @@ def shard_rows(x: Tensor, info: DistInfo) -> Tensor:
         return x
     per = len(x) // info.world
     return x[info.rank * per:(info.rank + 1) * per]
+
+
+def gradient_sync(net: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Context for a forward/backward whose gradients are (``sync``) or are not yet reduced
+    over the ranks: gradient accumulation reduces only on its last micro-batch. DDP: its
+    ``no_sync``; FSDP2: ``set_requires_gradient_sync``; one process: nothing."""
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

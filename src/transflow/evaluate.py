@@ -38,8 +38,8 @@ def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
                   dequant_samples: int = 1, estimator: str = "mean", batch_size: int = 256,
                   seed: int = 1234, progress: bool = False, dist: DistInfo = SINGLE) -> Tensor:
     """Bits/dim of every image in ``x_levels [N, C, H, W]`` (integer levels of the model's
-    ``num_levels``); returns float64 ``[N]``. The noise of batch ``j`` comes from a generator
-    seeded by ``(seed, j)``.
+    ``num_levels``; a tensor or an array read by index, batch by batch); returns float64
+    ``[N]``. The noise of batch ``j`` comes from a generator seeded by ``(seed, j)``.
 
     Under ``torchrun`` (``dist`` with several processes) rank ``r`` scores batches
     ``r, r + world, ...`` and gets NaN for the others; every rank runs the same number of
@@ -52,12 +52,9 @@ def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
         raise ValueError(f"dequant_samples must be a positive integer, got {dequant_samples!r}")
     cfg = model.config
     want = (cfg.channels, cfg.image_size, cfg.image_size)
-    if x_levels.dim() != 4 or tuple(x_levels.shape[1:]) != want:
+    if len(x_levels.shape) != 4 or tuple(x_levels.shape[1:]) != want:
         raise ValueError(f"images of shape [N, {want[0]}, {want[1]}, {want[2]}] expected for this "
                          f"model, got {list(x_levels.shape)}")
-    if len(x_levels) and int(x_levels.max()) >= cfg.num_levels:
-        raise ValueError(f"image levels go up to {int(x_levels.max())} but the model was trained "
-                         f"on {cfg.num_levels} levels")
     device = next(model.parameters()).device
     out = torch.full((len(x_levels),), math.nan, dtype=torch.float64)
     starts = list(range(0, len(x_levels), batch_size))
@@ -67,7 +64,11 @@ def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
         own = j < len(starts)
         i = starts[j] if own else 0  # a rank without a batch left repeats the first one
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + (j if own else 0))
-        k = x_levels[i:i + batch_size].to(device)
+        k = x_levels[i:i + batch_size]  # a tensor, or an array read by index
+        if len(k) and int(k.max()) >= cfg.num_levels:
+            raise ValueError(f"image levels go up to {int(k.max())} but the model was trained "
+                             f"on {cfg.num_levels} levels")
+        k = k.to(device)
         yy = None if (y is None or not cfg.num_classes) else y[i:i + batch_size].to(device)
         lp = torch.stack([model.log_prob(dequantize_uniform(k, cfg.num_levels, generator=g),
                                          yy).double() for _ in range(dequant_samples)])
@@ -172,8 +173,7 @@ def data_pixels(data_spec: str, split: str = "test", limit: int = 0) -> np.ndarr
     are spread over 0..255), for FID reference statistics."""
     data = load_data(data_spec)
     x, _ = data.split(split)
-    if limit:
-        x = x[:limit]
+    x = x[:limit or len(x)]  # a tensor (a prepared set's images are read here)
     return levels_to_pixels(x, data.num_levels)
 
 

@@ -30,19 +30,25 @@ def _check_levels(num_levels: int) -> None:
 
 def dequantize_uniform(k: Tensor, num_levels: int = 256,
                        generator: torch.Generator | None = None,
-                       dtype: torch.dtype = torch.float32) -> Tensor:
-    """Integer levels ``k`` (any shape, e.g. uint8 ``[B, C, H, W]``) -> ``x`` in ``[-1, 1)``."""
+                       dtype: torch.dtype = torch.float32, noise: Tensor | None = None) -> Tensor:
+    """Integer levels ``k`` (any shape, e.g. uint8 ``[B, C, H, W]``) -> ``x`` in ``[-1, 1)``.
+    ``noise``: the ``U[0, 1)`` draws to use (shaped like ``k``) instead of drawing them."""
     _check_levels(num_levels)
-    u = torch.rand(k.shape, generator=generator, device=k.device, dtype=dtype)
+    u = (torch.rand(k.shape, generator=generator, device=k.device, dtype=dtype)
+         if noise is None else noise)
     return (k.to(dtype) + u) * (2.0 / num_levels) - 1.0
 
 
 def dequantize_gaussian(k: Tensor, num_levels: int = 256, sigma: float = 0.05,
                         generator: torch.Generator | None = None,
-                        dtype: torch.dtype = torch.float32) -> Tensor:
-    """Levels ``k`` -> bin centres in ``[-1, 1]`` plus ``N(0, sigma^2)`` noise (TarFlow)."""
+                        dtype: torch.dtype = torch.float32, noise: Tensor | None = None
+                        ) -> Tensor:
+    """Levels ``k`` -> bin centres in ``[-1, 1]`` plus ``N(0, sigma^2)`` noise (TarFlow).
+    ``noise``: the standard normal draws to use (shaped like ``k``) instead of drawing them."""
     x = levels_to_unit(k, num_levels, dtype)
-    return x + sigma * torch.randn(k.shape, generator=generator, device=k.device, dtype=dtype)
+    e = (torch.randn(k.shape, generator=generator, device=k.device, dtype=dtype)
+         if noise is None else noise)
+    return x + sigma * e
 
 
 def levels_to_unit(k: Tensor, num_levels: int = 256, dtype: torch.dtype = torch.float32) -> Tensor:

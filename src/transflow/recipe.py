@@ -29,10 +29,16 @@ class TrainConfig:
     a ``transflow train`` flag; its ``help`` metadata is the flag's help text."""
 
     steps: int = _opt(2000, "optimizer steps (with --time-limit: fitted to the budget)")
+    epochs: float = _opt(0.0, "train this many passes over the training set instead of --steps "
+                         "(0: use --steps)")
     batch_size: int = _opt(64, "global batch size (split among torchrun processes)")
+    accum_steps: int = _opt(1, "gradient accumulation: micro-batches per optimizer step (the "
+                            "update equals one step on the whole batch)")
     lr: float = _opt(5e-4, "peak learning rate")
     weight_decay: float = _opt(1e-4, "AdamW weight decay (matrices only)")
     warmup: int = _opt(100, "linear warmup steps")
+    warmup_epochs: float = _opt(0.0, "linear warmup in passes over the training set instead of "
+                                "--warmup (0: use --warmup)")
     min_lr: float = _opt(1e-6, "learning rate at the end of the cosine decay")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this")
     ema_decay: float = _opt(0.999, "EMA decay of the weights used for evaluation and sampling")
@@ -49,6 +55,8 @@ class TrainConfig:
                                  "in RUN/checkpoints/ (0: only checkpoint.pt and the one before)")
     snapshot_every: int = _opt(0, "keep the EMA model every N steps in RUN/snapshots/step_N/ "
                                "(loadable with transflow.load; 0: none)")
+    prefetch: int = _opt(2, "batches read and dequantized ahead in a background thread (0: on "
+                         "the main thread)")
     seed: int = _opt(0, "seed of the data order, noise, label drops and initialisation")
     device: str = _opt("auto", "torch device: auto (CUDA when available), cpu, cuda, cuda:N")
     amp: str = _opt("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
@@ -69,16 +77,19 @@ class TrainConfig:
                             "backward instead of storing activations")
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("steps", "batch_size", "log_every", "eval_every",
+        check_positive_ints(self, ("steps", "batch_size", "accum_steps", "log_every", "eval_every",
                                    "sample_every", "checkpoint_every", "max_bad_steps"))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{f.name} must be a finite number, got {v!r}")
         if min(self.warmup, self.eval_images, self.time_limit, self.keep_checkpoints,
-               self.snapshot_every) < 0:
-            raise ValueError("warmup, eval_images, time_limit, keep_checkpoints and "
-                             "snapshot_every must be >= 0")
+               self.snapshot_every, self.epochs, self.warmup_epochs, self.prefetch) < 0:
+            raise ValueError("warmup, eval_images, time_limit, keep_checkpoints, "
+                             "snapshot_every, epochs, warmup_epochs and prefetch must be >= 0")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum_steps "
+                             f"{self.accum_steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.label_drop <= 1:
@@ -107,10 +118,37 @@ class TrainConfig:
 
 #: settings a resumed run may change: how and how often it runs, and how long, not what it
 #: computes (the rest would make the resumed run a different run)
-RESUMABLE = ("steps", "time_limit", "device", "amp", "compile", "parallel", "checkpointing",
-             "reversible", "tensorboard", "wandb", "log_every", "eval_every", "eval_images",
+RESUMABLE = ("steps", "time_limit", "accum_steps", "prefetch", "device", "amp", "compile",
+             "parallel", "checkpointing", "reversible", "tensorboard", "wandb", "log_every",
+             "eval_every", "eval_images",
              "sample_every", "checkpoint_every", "max_bad_steps", "keep_checkpoints",
              "snapshot_every")
+
+
+def resolve_schedule(cfg: TrainConfig, train_images: int) -> TrainConfig:
+    """``epochs`` and ``warmup_epochs`` turned into ``steps`` and ``warmup`` for a training set
+    of ``train_images`` (rounded up; then both are 0 in the result)."""
+    per_epoch = train_images / cfg.batch_size
+    out = cfg
+    if cfg.epochs:
+        out = dataclasses.replace(out, steps=max(1, math.ceil(cfg.epochs * per_epoch)),
+                                  epochs=0.0)
+    if cfg.warmup_epochs:
+        out = dataclasses.replace(out, warmup=max(1, math.ceil(cfg.warmup_epochs * per_epoch)),
+                                  warmup_epochs=0.0)
+    return out
+
+
+def check_noise(noise_std: float, cfg: TrainConfig) -> None:
+    """``ValueError`` when the model's ``noise_std`` (what sampling denoises with) disagrees
+    with the training noise (``dequant``)."""
+    if cfg.dequant == "uniform" and noise_std > 0:
+        raise ValueError(f"the model has --noise-std {noise_std:g} (samples are denoised with "
+                         "it) but trains with uniform dequantization: give --dequant gaussian to "
+                         "train with that noise, or --noise-std 0")
+    if cfg.dequant == "gaussian" and not noise_std > 0:
+        raise ValueError("--dequant gaussian trains with the model's --noise-std, which is 0: "
+                         "give --noise-std (e.g. 0.05), or --dequant uniform")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

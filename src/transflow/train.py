@@ -26,17 +26,25 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from . import distributed as dist_
-from .batches import batch_indices, make_batch
+from .batches import Prefetcher, augment_batch, batch_indices, gather_batch, make_batch
 from .checkpoints import load
-from .data import ImageData
+from .data import ImageData, from_datasets
 from .evaluate import evaluate_bpd
 from .flops import train_flops
 from .flows import Flow, FlowConfig, build
 from .images import grid, levels_to_pixels, save_png
 from .likelihood import bits_per_dim, unit_to_levels
-from .recipe import TrainConfig, learning_rate, make_optimizer, update_ema
+from .recipe import (
+    TrainConfig,
+    check_noise,
+    learning_rate,
+    make_optimizer,
+    resolve_schedule,
+    update_ema,
+)
 from .rundir import CHECKPOINT, RunDir
 from .trackers import make_trackers
 from .version import __version__
@@ -179,13 +187,21 @@ class _StopRequest:
 class Trainer:
     """Everything one training run holds: model, EMA, optimizer, data, run directory, state."""
 
-    def __init__(self, model_config: FlowConfig, data: ImageData, cfg: TrainConfig,
-                 run: RunDir, *, data_spec: str = "", resume: bool = False,
-                 init_from: str | None = None, progress: bool = True):
+    def __init__(self, model_config: FlowConfig, data: ImageData | Dataset, cfg: TrainConfig,
+                 run: RunDir, *, data_spec: str = "", data_options: dict[str, Any] | None = None,
+                 resume: bool = False, init_from: str | None = None, progress: bool = True):
+        if not isinstance(data, ImageData):
+            data = from_datasets(data, num_levels=model_config.num_levels,
+                                 num_classes=model_config.num_classes or None)
         world = dist_.from_env().world
         if cfg.batch_size % world:
             raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be "
                              f"divisible by the {world} processes")
+        if (cfg.batch_size // world) % cfg.accum_steps:
+            raise ValueError(f"--accum-steps {cfg.accum_steps} must divide each process's "
+                             f"{cfg.batch_size // world} images of the global batch")
+        cfg = resolve_schedule(cfg, len(data.x_train))
+        check_noise(model_config.noise_std, cfg)
         self.model_config, self.data, self.cfg, self.run = model_config, data, cfg, run
         self.progress = progress
         self.info, self.device = dist_.setup(dist_.resolve_device(cfg.device))
@@ -225,7 +241,8 @@ class Trainer:
         self.resolved = {"model": model_config.to_dict(), "train": cfg.to_dict(),
                          "data": {"spec": data_spec or data.name, "name": data.name,
                                   "train_images": len(data.x_train),
-                                  "test_images": len(data.x_test)},
+                                  "test_images": len(data.x_test),
+                                  **({"options": data_options} if data_options else {})},
                          "transflow_version": __version__}
         if info.enabled:
             self.resolved["processes"] = info.world
@@ -239,7 +256,6 @@ class Trainer:
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
                          else nullcontext())
         self.forward = torch.compile(self.net) if cfg.compile else self.net
-        self.x_train = data.x_train.pin_memory() if device.type == "cuda" else data.x_train
         self.trackers = (make_trackers(run.path, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                        config=self.resolved, resume=resume)
                          if info.main else [])
@@ -248,21 +264,30 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor | None, stop_requested: bool,
                    out_of_time: bool) -> StepOutcome:
-        """Forward, backward, clip, one reduction over the ranks; then, if the loss and the
-        gradient are finite, the optimizer step, the prior update and the EMA update.
-        ``x``, ``y``: this rank's slice of the global batch."""
+        """Forward and backward over ``accum_steps`` micro-batches, clip, one reduction over the
+        ranks; then, if the loss and the gradient are finite, the optimizer step, the prior
+        update and the EMA update. ``x``, ``y``: this rank's slice of the global batch. The
+        gradient is that of the mean loss over the slice whatever ``accum_steps`` is."""
         cfg, model, mc = self.cfg, self.model, self.model_config
-        with self.autocast:
-            z, logdet = self.forward(x, y)
-        log_p = model.prior_log_prob(z) + logdet
-        loss = -log_p.mean() / mc.dims  # nats per dimension (this rank)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = len(x) // cfg.accum_steps
+        zs, log_ps = [], []
+        for i in range(cfg.accum_steps):
+            rows = slice(i * micro, (i + 1) * micro)
+            last = i == cfg.accum_steps - 1
+            with dist_.gradient_sync(self.net, last), self.autocast:
+                z, logdet = self.forward(x[rows], None if y is None else y[rows])
+            log_p = model.prior_log_prob(z) + logdet
+            # nats per dimension, as a share of this rank's mean over its whole slice
+            (-log_p.sum() / (len(x) * mc.dims)).backward()
+            zs.append(z.detach())
+            log_ps.append(log_p.detach())
+        z, log_p = torch.cat(zs), torch.cat(log_ps)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         flag = {"dtype": torch.float64, "device": self.device}
-        sums = StepSums(loss.detach().double() * len(x),
-                        bits_per_dim(log_p.detach().double(), mc.dims, mc.num_levels).sum(),
+        sums = StepSums(-log_p.double().sum() / mc.dims,
+                        bits_per_dim(log_p.double(), mc.dims, mc.num_levels).sum(),
                         torch.tensor(float(stop_requested), **flag),
                         torch.tensor(float(out_of_time), **flag)).all_reduce()
         loss_all = sums.loss / cfg.batch_size
@@ -287,6 +312,8 @@ class Trainer:
                         disable=not (self.progress and info.main), dynamic_ncols=True,
                         mininterval=0.5)
         self.window_t, self.consecutive_bad, interrupted = time.perf_counter(), 0, None
+        self.prefetcher = (Prefetcher(self.read_batch, state.step, self.cfg.prefetch)
+                           if self.cfg.prefetch else None)
         self.model.train()
         with _StopRequest() as stop:
             try:
@@ -298,10 +325,7 @@ class Trainer:
                     lr = learning_rate(state.step, self.cfg)
                     for group in self.opt.param_groups:
                         group["lr"] = lr
-                    x, y = make_batch(self.x_train, self.data.y_train, state.step, self.cfg,
-                                      self.model_config, self.device)
-                    x = dist_.shard_rows(x, info)  # this rank's slice of the global batch
-                    y = None if y is None else dist_.shard_rows(y, info)
+                    x, y = self.batch(state.step)  # this rank's slice of the global batch
 
                     # -- Optimizer step (skipped when not finite) ---------------------------
                     out = self.train_step(x, y, stop.requested,
@@ -333,6 +357,8 @@ class Trainer:
                 interrupted = "Ctrl-C"
             finally:
                 self.bar.close()
+                if self.prefetcher is not None:
+                    self.prefetcher.close()
         elapsed = state.elapsed + budget.spent()
 
         # -- Interrupted: save the state and say how to continue --------------------------------
@@ -343,6 +369,24 @@ class Trainer:
                      f"{self.run.path}`")
             raise SystemExit(130 if interrupted == "Ctrl-C" else 143)
         return self.finish(elapsed)
+
+    def read_batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        """This rank's rows of batch ``step`` as they leave the data path: dequantized on the
+        CPU; on CUDA read into pinned memory (dequantized on the device by :meth:`batch`)."""
+        cuda = self.device.type == "cuda"
+        k, y = gather_batch(self.data.x_train, self.data.y_train, step, self.cfg, self.info,
+                            pin=cuda)
+        if cuda:
+            return k, y
+        return augment_batch(k, y, step, self.cfg, self.model_config, self.device, self.info)
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        """This rank's slice ``(x [B / world, C, H, W], y)`` of the batch of ``step`` (from the
+        prefetching thread when there is one)."""
+        out = self.prefetcher.get(step) if self.prefetcher else self.read_batch(step)
+        if self.device.type == "cuda":
+            out = augment_batch(*out, step, self.cfg, self.model_config, self.device, self.info)
+        return out
 
     def skip_step(self) -> None:
         """A non-finite step: the weights are unchanged; too many in a row stop training."""
@@ -403,8 +447,10 @@ class Trainer:
         info = self.info
         ev = evaluate_bpd(self.ema, self.data.x_test, self.data.y_test,
                           progress=self.progress and info.main, dist=info)
+        rss = dist_.gather_objects(peak_rss_mb(), info)  # every rank's peak resident memory
         self.log({"step": self.state.step, "test_bpd": ev["bpd"], "test_se": ev["se"],
-                  "test_images": ev["images"], "final": True, "time": elapsed})
+                  "test_images": ev["images"], "final": True, "time": elapsed,
+                  "peak_rss_mb": rss})
         final = self.plain_ema()
         if final is not None:
             bad = [n for n, t in final.state_dict().items() if not torch.isfinite(t).all()]
@@ -498,10 +544,15 @@ class Trainer:
             self.run.console(text)
 
 
-def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: str | Path, *,
-          data_spec: str = "", resume: bool = False, init_from: str | None = None,
-          progress: bool = True) -> dict[str, Any]:
+def train(model_config: FlowConfig, data: ImageData | Dataset, cfg: TrainConfig,
+          run_dir: str | Path, *, data_spec: str = "", resume: bool = False,
+          init_from: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``model_config`` on ``data`` into ``run_dir``; returns the final summary dict.
+
+    ``data``: an :class:`~transflow.data.ImageData` (:func:`transflow.data.load_data`: in
+    memory or a prepared set read by index) or any map-style ``torch.utils.data.Dataset`` of
+    ``(uint8 image [C, H, W] or [H, W, C], label)`` (every 10th item is held out for test; see
+    :func:`transflow.data.from_datasets` to give a test set).
 
     With ``resume=True`` the run continues from ``run_dir/checkpoint.pt``. ``init_from`` (a
     model directory, file or run directory) initialises the weights from a pretrained model with
@@ -513,6 +564,14 @@ def train(model_config: FlowConfig, data: ImageData, cfg: TrainConfig, run_dir: 
 # ---------------------------------------------------------------------------------------------
 # pieces used by the trainer
 # ---------------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (Linux and macOS report it)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
 def check_same_model(saved: dict[str, Any], config: FlowConfig, run: RunDir) -> None:
     """``ValueError`` naming the differing fields unless a checkpoint's model config is
     ``config``."""

@@ -1,7 +1,7 @@
 """The ``transflow`` command line: parses arguments and calls the library.
 
-One module per command (``train``, ``convert``, ``sample``, ``evaluate`` for ``eval`` and
-``score``, ``push``); shared flags are declared once (:mod:`.options` turns the option
+One module per command (``train``, ``prepare``, ``convert``, ``sample``, ``evaluate`` for
+``eval`` and ``score``, ``push``); shared flags are declared once (:mod:`.options` turns the option
 dataclasses into flags, :mod:`.common` holds the rest). User mistakes (bad flags, missing
 files, invalid values) end with one line on stderr and exit code 2, never a traceback.
 """
@@ -18,6 +18,7 @@ from .convert import add_convert
 from .errors import UsageError
 from .evaluate import add_eval, add_score
 from .options import Parser
+from .prepare import add_prepare
 from .push import add_push
 from .sample import add_sample
 from .train import add_train_arguments, train_from_args
@@ -37,7 +38,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = [_add_train, add_convert, add_sample, add_eval, add_score, add_push]
+_COMMANDS = [_add_train, add_prepare, add_convert, add_sample, add_eval, add_score, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,11 +11,13 @@ from typing import Any
 from .. import distributed as dist_
 from ..data import ImageData, load_data
 from ..flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig
+from ..hfdata import HFOptions
 from ..presets import PRESETS, get_config, get_preset
 from ..recipe import RESUMABLE, TrainConfig
 from ..rundir import RunDir
 from ..train import Trainer
-from .options import add_options, given_options
+from .options import add_options, given_options, options_from_args
+from .prepare import add_resize
 
 
 def _model_fields() -> dict[str, dataclasses.Field]:
@@ -81,8 +83,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"named config: {', '.join(sorted(PRESETS))} (default: <model>-digits "
                         "for the digits data, else <model>-small)")
     p.add_argument("--data", default=None,
-                   help="'digits' (built in, the default), a .npz file, an image folder, or "
-                        "hf:NAME")
+                   help="'digits' (built in, the default), a prepared data set (transflow "
+                        "prepare), a .npz file, an image folder, or hf:NAME")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data>)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a run from its checkpoint; --steps may extend it and only "
@@ -95,6 +97,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unconditional", action="store_true",
                    help="ignore the data's labels (train an unconditional model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_resize(p)
+    add_options(p.add_argument_group("Hugging Face datasets"), HFOptions, prefix="hf_")
     add_options(p.add_argument_group("training options (override the preset)"), TrainConfig,
                 prefix="train_", track_given=True)
     mg = p.add_argument_group("model options (override the preset)")
@@ -144,8 +148,26 @@ def resolve_configs(args: argparse.Namespace, data: ImageData
         raise ValueError(f"--image-size {overrides['image_size']} differs from the data's "
                          f"{data.image_size}; resize image folders with --image-size at load")
     model_cfg = get_config(preset, **overrides)
-    train_kw = chosen.train.to_dict() | given_options(args, TrainConfig, "train_")
+    given = given_options(args, TrainConfig, "train_")
+    train_kw = chosen.train.to_dict() | given
+    # an explicit step count replaces the preset's epochs (and warmup steps its warmup epochs)
+    if "steps" in given and "epochs" not in given:
+        train_kw["epochs"] = 0.0
+    if "warmup" in given and "warmup_epochs" not in given:
+        train_kw["warmup_epochs"] = 0.0
     return model_cfg, TrainConfig.from_dict(train_kw)
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How the data source is read (recorded in the run, reused by --resume)."""
+    return {"resize": args.resize, "hf": options_from_args(args, HFOptions, "hf_").to_dict()}
+
+
+def load_with_options(spec: str, options: dict[str, Any], image_size: int | None,
+                      channels: int | None, strict: bool) -> ImageData:
+    return load_data(spec, image_size=image_size, channels=channels, strict=strict,
+                     resize=options.get("resize", "center-crop"),
+                     hf=HFOptions(**options.get("hf", {})))
 
 
 def resume_configs(args: argparse.Namespace, run: RunDir
@@ -188,13 +210,15 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         run = RunDir(args.resume)
         model_cfg, cfg, spec = resume_configs(args, run)
-        data = load_data(spec, image_size=model_cfg.image_size, strict=args.strict)
+        options = run.read_config()["data"].get("options", {})
+        data = load_with_options(spec, options, model_cfg.image_size, None, args.strict)
     else:
         args.data = args.data or "digits"
         image_size = int(args.model_image_size) if args.model_image_size else None
-        data = load_data(args.data, image_size=image_size,
-                         channels=int(args.model_channels) if args.model_channels else None,
-                         strict=args.strict)
+        options = data_options(args)
+        data = load_with_options(args.data, options, image_size,
+                                 int(args.model_channels) if args.model_channels else None,
+                                 args.strict)
         model_cfg, cfg = resolve_configs(args, data)
         spec = args.data
         run = RunDir(args.out or f"runs/{model_cfg.family}-{Path(data.name).name}")
@@ -205,7 +229,8 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     main_rank = dist_.from_env().main  # under torchrun only rank 0 talks
     if main_rank:
         run.check_writable()
-    trainer = Trainer(model_cfg, data, cfg, run, data_spec=spec, resume=bool(args.resume),
+    trainer = Trainer(model_cfg, data, cfg, run, data_spec=spec, data_options=options,
+                      resume=bool(args.resume),
                       init_from=args.init_from, progress=progress)  # reads the checkpoint
     if main_rank:
         say(run, f"transflow train: {model_cfg.family} on {data.describe()}")
