@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,46 @@ def test_sample_under_torchrun_writes_the_images_of_one_process(tmp_path):
     # the same per-image seeds; batches differ, so allow a rare one-level rounding flip
     diff = np.abs(one["images"].astype(int) - two["images"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def synthetic_prepared(root: Path, train_images: int, size: int = 32, seed: int = 0) -> int:
+    """A prepared set of random RGB images written chunk by chunk (never whole in memory);
+    returns the bytes of its training images."""
+    from transflow import prepared as P
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    shape = (3, size, size)
+    for split, n in (("train", train_images), ("test", 64)):
+        w = P.SplitWriter(root, split, shape, labelled=True, kept=0)
+        for i in range(0, n, 4096):
+            m = min(4096, n - i)
+            w.append(rng.integers(0, 256, (m, *shape), dtype=np.uint8),
+                     rng.integers(0, 10, m).astype(np.int64))
+        w.finish()
+    P.write_manifest(root, {"image_size": size, "channels": 3, "num_levels": 256,
+                            "num_classes": 10, "classes": [],
+                            "splits": {"train": {"images": train_images, "labels": True},
+                                       "test": {"images": 64, "labels": True}}})
+    return train_images * 3 * size * size
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_prepared_set_read_only_their_rows(tmp_path):
+    # 2 processes on a prepared set, with gradient accumulation, equal one process; and no
+    # rank's resident memory grows with the size of the set (each reads only its rows)
+    small, big = tmp_path / "small", tmp_path / "big"
+    synthetic_prepared(small, 1024)
+    set_bytes = synthetic_prepared(big, 100_000)  # 307 MB of images
+    model = ["--width", "32", "--blocks", "2", "--layers", "1", "--head-dim", "16",
+             "--patch-size", "8"]
+    one_process("--data", str(big), "--out", str(tmp_path / "one"), *model, *ARGS)
+    torchrun("--data", str(big), "--out", str(tmp_path / "two"), *model, *ARGS,
+             "--accum-steps", "2")
+    assert_same_state(tmp_path / "one", tmp_path / "two", tol=1e-5)
+    torchrun("--data", str(small), "--out", str(tmp_path / "two_small"), *model, *ARGS)
+    rss_big = [m for m in metrics(tmp_path / "two") if m.get("final")][0]["peak_rss_mb"]
+    rss_small = [m for m in metrics(tmp_path / "two_small") if m.get("final")][0]["peak_rss_mb"]
+    assert len(rss_big) == len(rss_small) == 2
+    for b, s in zip(rss_big, rss_small, strict=True):
+        assert b < s + 0.15 * set_bytes / 2**20, (rss_big, rss_small)  # not the 293 MiB set

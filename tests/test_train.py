@@ -115,9 +115,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, digits, monke
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-    strip = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec", "model_tflops", "peak_rss_mb")}
-             for r in read_metrics(tmp_path / "a")]
-    strip_b = [{k: v for k, v in r.items() if k not in ("time", "img_per_sec", "model_tflops", "peak_rss_mb")}
+    clock = ("time", "img_per_sec", "model_tflops", "peak_rss_mb")
+    strip = [{k: v for k, v in r.items() if k not in clock} for r in read_metrics(tmp_path / "a")]
+    strip_b = [{k: v for k, v in r.items() if k not in clock}
                for r in read_metrics(tmp_path / "b")]
     assert strip == strip_b
 
@@ -380,3 +380,38 @@ def test_trackers_and_log_txt_get_what_metrics_jsonl_gets(tmp_path, monkeypatch,
     assert main(["train", "--resume", str(run), "--steps", "8", "--wandb", "--no-progress"]) == 0
     assert events["init"][-1]["id"] == init["id"] and events["init"][-1]["resume"] == "allow"
     assert log.count("Trained a") == 1 and (run / "log.txt").read_text().count("Trained a") == 3
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path, digits):
+    cfg = tiny_tarflow(digits)
+    fast = {**FAST, "batch_size": 32}
+    train(cfg, digits, TrainConfig(steps=4, **fast), tmp_path / "one", progress=False)
+    train(cfg, digits, TrainConfig(steps=4, accum_steps=4, **fast), tmp_path / "four",
+          progress=False)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "four" / "checkpoint.pt", weights_only=True)
+    assert float(a["model"]["blocks.0.proj_out.weight"].abs().max()) > 1e-3  # it trained
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-6, rtol=1e-5, msg=k)
+    ma = [r["train_bpd"] for r in read_metrics(tmp_path / "one") if "train_bpd" in r]
+    mb = [r["train_bpd"] for r in read_metrics(tmp_path / "four") if "train_bpd" in r]
+    assert ma == pytest.approx(mb, abs=1e-6)
+    with pytest.raises(ValueError, match="divisible by accum_steps"):
+        TrainConfig(batch_size=30, accum_steps=4)
+
+
+def test_epochs_set_the_steps_and_noise_must_match_the_model(tmp_path, capsys):
+    from transflow.cli import main
+
+    run = tmp_path / "ep"
+    assert main(["train", "--out", str(run), "--epochs", "2", "--warmup-epochs", "0.5",
+                 "--batch-size", "128", "--width", "16", "--blocks", "1", "--layers", "1",
+                 "--head-dim", "8", "--eval-every", "1000", "--no-progress"]) == 0
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert (saved["steps"], saved["warmup"]) == (23, 6)  # ceil(2 * 1437 / 128), ceil(0.5 * ...)
+    assert main(["train", "--out", str(tmp_path / "n"), "--noise-std", "0.1",
+                 "--no-progress"]) == 2
+    assert "--dequant gaussian" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "g"), "--dequant", "gaussian",
+                 "--no-progress"]) == 2
+    assert "give --noise-std" in capsys.readouterr().err
