@@ -338,3 +338,19 @@ def test_missing_datasets_package_is_one_line(monkeypatch, capsys):
     assert main(["train", "--data", "hf:someone/something", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'transflow[hf]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hf_streamed_prepare_equals_the_downloaded_one(hf_dir, tmp_path):
+    args = ["--image-size", "8", "--label-column", "fine_label", "--workers", "1",
+            "--no-progress"]
+    assert main(["prepare", f"hf:{hf_dir}", str(tmp_path / "a"), *args]) == 0
+    assert main(["prepare", f"hf:{hf_dir}", str(tmp_path / "b"), "--stream", *args]) == 0
+    ma = json.loads((tmp_path / "a" / P.MANIFEST).read_text())
+    mb = json.loads((tmp_path / "b" / P.MANIFEST).read_text())
+    assert ma["sha256"] == mb["sha256"] and ma["splits"] == mb["splits"]
+    # a label column without class names: the classes are the labels seen
+    c = load_data(f"hf:{hf_dir}", hf=HFOptions(label_column="coarse_label"), image_size=8)
+    assert c.num_classes == 1
+    assert main(["prepare", f"hf:{hf_dir}", str(tmp_path / "c"), "--label-column",
+                 "coarse_label", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "c" / P.MANIFEST).read_text())["num_classes"] == 1

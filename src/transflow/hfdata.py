@@ -54,12 +54,13 @@ def open_splits(name: str, opts: HFOptions) -> tuple[Any, Any, str, str]:
     datasets = _datasets()
     local = Path(name).expanduser()
     if local.is_dir():
-        if opts.stream:
-            raise ValueError(f"--stream reads from the Hub; hf:{name} is a local directory")
         try:
             ds = datasets.load_from_disk(str(local))
         except Exception as e:
             raise ValueError(f"cannot read hf:{name} ({' '.join(str(e).split())})") from None
+        if opts.stream and isinstance(ds, datasets.DatasetDict):  # read item by item
+            ds = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in
+                                               ds.items()})
     else:
         repo, _, config = name.partition(":")
         try:

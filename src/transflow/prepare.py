@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -75,7 +76,7 @@ class _Plan:
     channels: int
     num_levels: int
     classes: list[str]
-    num_classes: int
+    num_classes: int | None  # None: the largest label written + 1
     notes: list[str]
     identity: str  # what the files are made of: a rerun must match it to continue
     decoded: bool  # False: the items are uint8 [C, H, W] arrays already
@@ -160,13 +161,11 @@ def _plan_hf(name: str, opts: PrepareOptions) -> _Plan:
         return _Split(items, count, label_col is not None)
 
     splits = {"train": split(train), "test": split(test)}
-    k = len(names)
-    if label_col and not k:  # labels without class names: the largest + 1 (one pass)
-        k = 1 + max(max(int(v) for v in d[label_col]) for d in (train, test))
     identity = _digest([name, tr_name, te_name, str(label_col), str(splits["train"].count),
                         repr((size, channels, opts.resize, opts.strict))])
-    return _Plan(splits, size, channels, 256, names, k if label_col else 0, [], identity,
-                 decoded=True)
+    # without class names the labels seen decide the class count (at the end)
+    k = len(names) if label_col and names else (None if label_col else 0)
+    return _Plan(splits, size, channels, 256, names, k, [], identity, decoded=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +248,10 @@ def prepare(src: str, out: str | os.PathLike, opts: PrepareOptions | None = None
     P.write_state(out, state)
 
     # -- decode, split by split, in fsynced and recorded chunks ----------------------------
-    ctx = multiprocessing.get_context("spawn")
+    # fork where there is one: the workers only decode (PIL, numpy) and need no re-import of
+    # the caller's main module, which spawn would run again
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pool = ctx.Pool(opts.workers) if opts.workers > 1 and plan.decoded else None
     try:
         for name, split in plan.splits.items():
@@ -297,12 +299,18 @@ def prepare(src: str, out: str | os.PathLike, opts: PrepareOptions | None = None
 
     # -- finish: the manifest (with the checksum), last ------------------------------------
     sp = state["splits"]
+    for note in plan.notes:
+        warnings.warn(f"{src}: {note}", stacklevel=2)
+    num_classes = plan.num_classes
+    if num_classes is None:
+        num_classes = 1 + max(int(np.load(out / P.labels_file(n), mmap_mode="r").max(initial=0))
+                              for n in plan.splits)
     converted = Counter()
     for name in plan.splits:
         converted.update(sp[name]["converted"])
     manifest = {
         "image_size": plan.size, "channels": plan.channels, "num_levels": plan.num_levels,
-        "num_classes": plan.num_classes, "classes": plan.classes,
+        "num_classes": num_classes, "classes": plan.classes,
         "splits": {n: {"images": sp[n]["kept"], "labels": plan.splits[n].labelled}
                    for n in plan.splits},
         "skipped": {"unreadable": sum(sp[n]["unreadable"] for n in plan.splits),
