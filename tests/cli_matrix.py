@@ -161,6 +161,22 @@ def cases() -> list[Case]:
         Case("unknown flag", ["sample", m, "--bogus"], "unrecognized arguments", "flags"),
         Case("missing argument", ["sample"], "required", "flags"),
         Case("not a number", ["train", "--steps", "many"], "invalid int value", "flags"),
+        # -- data at scale (issue 17) ---------------------------------------------------------
+        Case("prepare: missing source", ["prepare", f"{r}/nope", f"{r}/p1", "--no-progress"],
+             "not found", "17"),
+        Case("prepare: onto a prepared set", ["prepare", "digits", f"{r}/prepared",
+                                              "--no-progress"], "--overwrite", "17"),
+        Case("train on an unfinished prepared set",
+             ["train", "--data", f"{r}/unfinished", "--out", f"{r}/out10", *TINY],
+             "unfinished prepared data set", "17"),
+        Case("--accum-steps does not divide the batch",
+             ["train", "--out", f"{r}/out11", "--batch-size", "32", "--accum-steps", "5", *TINY],
+             "accum_steps", "17"),
+        Case("--noise-std with uniform dequantization",
+             ["train", "--out", f"{r}/out12", "--noise-std", "0.1", *TINY], "--dequant gaussian",
+             "17"),
+        Case("--epochs -1", ["train", "--out", f"{r}/out13", "--epochs", "-1", *TINY],
+             "must be >= 0", "17"),
     ]
 
 
@@ -187,6 +203,12 @@ def build(root: Path) -> None:
     from transflow.train import train
 
     root.mkdir(parents=True, exist_ok=True)
+    from transflow.prepare import prepare
+    from transflow.prepared import STATE
+
+    prepare("digits", root / "prepared", progress=False)
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / STATE).write_text("{}")
     torch.manual_seed(0)
     cfg = get_config("tarflow-digits", width=32, blocks=2, layers=1, head_dim=16)
     model = build_model(cfg)
