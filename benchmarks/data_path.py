@@ -52,19 +52,16 @@ IMAGENET_TRAIN = 1_281_167
 
 def make_set(root: Path, n_train: int, n_test: int = 1000, size: int = 64) -> None:
     rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
     shape = (3, size, size)
-    for split, n in (("train", n_train), ("test", n_test)):
-        w = P.SplitWriter(root, split, shape, labelled=True, kept=0)
+
+    def chunks(n: int):
         for i in range(0, n, 8192):
             m = min(8192, n - i)
-            w.append(rng.integers(0, 256, (m, *shape), dtype=np.uint8),
-                     rng.integers(0, 10, m).astype(np.int64))
-        w.finish()
-    P.write_manifest(root, {"image_size": size, "channels": 3, "num_levels": 256,
-                            "num_classes": 10, "classes": [],
-                            "splits": {"train": {"images": n_train, "labels": True},
-                                       "test": {"images": n_test, "labels": True}}})
+            yield (rng.integers(0, 256, (m, *shape), dtype=np.uint8),
+                   rng.integers(0, 10, m).astype(np.int64))
+
+    P.write_prepared(root, {"train": chunks(n_train), "test": chunks(n_test)}, shape,
+                     num_classes=10, source="synthetic")
 
 
 def train_run(data: Path, out: Path, preset: str, steps: int, log_every: int,

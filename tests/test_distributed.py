@@ -197,22 +197,19 @@ def test_sample_under_torchrun_writes_the_images_of_one_process(tmp_path):
 def synthetic_prepared(root: Path, train_images: int, size: int = 32, seed: int = 0) -> int:
     """A prepared set of random RGB images written chunk by chunk (never whole in memory);
     returns the bytes of its training images."""
-    from transflow import prepared as P
+    from transflow.prepared import write_prepared
 
     rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
     shape = (3, size, size)
-    for split, n in (("train", train_images), ("test", 64)):
-        w = P.SplitWriter(root, split, shape, labelled=True, kept=0)
+
+    def chunks(n: int):
         for i in range(0, n, 4096):
             m = min(4096, n - i)
-            w.append(rng.integers(0, 256, (m, *shape), dtype=np.uint8),
-                     rng.integers(0, 10, m).astype(np.int64))
-        w.finish()
-    P.write_manifest(root, {"image_size": size, "channels": 3, "num_levels": 256,
-                            "num_classes": 10, "classes": [],
-                            "splits": {"train": {"images": train_images, "labels": True},
-                                       "test": {"images": 64, "labels": True}}})
+            yield (rng.integers(0, 256, (m, *shape), dtype=np.uint8),
+                   rng.integers(0, 10, m).astype(np.int64))
+
+    write_prepared(root, {"train": chunks(train_images), "test": chunks(64)}, shape,
+                   num_classes=10)
     return train_images * 3 * size * size
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,29 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     write_json(root / MANIFEST, manifest)
     (root / STATE).unlink(missing_ok=True)
     fsync_dir(root)
+
+
+def write_prepared(root: Path, splits: dict[str, Iterable[tuple[np.ndarray, np.ndarray | None]]],
+                   image_shape: tuple[int, int, int], *, num_levels: int = 256,
+                   num_classes: int = 0, classes: list[str] | None = None,
+                   **info: Any) -> dict[str, Any]:
+    """Write a complete prepared set from chunks ``(uint8 [n, C, H, W], int64 [n] or None)``
+    per split (``train`` and ``test``), e.g. generated data larger than memory; returns the
+    manifest. ``info``: more manifest fields."""
+    root.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in SPLITS:
+        w = SplitWriter(root, split, image_shape, labelled=num_classes > 0, kept=0)
+        try:
+            for images, labels in splits[split]:
+                w.append(images, labels)
+            counts[split] = w.kept
+            w.finish()
+        finally:
+            w.close()
+    write_manifest(root, {"image_size": image_shape[1], "channels": image_shape[0],
+                          "num_levels": num_levels, "num_classes": num_classes,
+                          "classes": classes or [],
+                          "splits": {s: {"images": counts[s], "labels": num_classes > 0}
+                                     for s in SPLITS}, **info})
+    return read_manifest(root)
