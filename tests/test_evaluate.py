@@ -135,6 +135,6 @@ def test_cli_fid_with_a_stand_in_network(tmp_path, capsys):
     assert main([*args, "--json", str(out2)]) == 0
     a, b = json.loads(out1.read_text()), json.loads(out2.read_text())
     assert a["fid"] == b["fid"] and a["fid"] > 0 and math.isfinite(a["fid"])
-    assert a["n"] == 12 and a["reference_images"] == 100
+    assert a["n"] == 12 and a["reference"]["images"] == 100 and a["reference"]["split"] == "train"
     assert len(list(cache.glob("ref-*.npz"))) == 1  # the reference was reused
     assert main(["eval", "fid", str(run), "--n", "1", *common]) == 2

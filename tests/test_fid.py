@@ -178,7 +178,7 @@ def test_eval_fid_under_torchrun_equals_one_process(tmp_path: Path, fake_net_pat
                           "--nproc_per_node=2", "-m", "transflow", *args, "--json",
                           str(tmp_path / "two.json")], capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout.count("FID ") == 1  # rank 0 reports
+    assert [line[:4] for line in two.stdout.splitlines()].count("FID ") == 1  # rank 0 reports
     a = json.loads((tmp_path / "one.json").read_text())["fid"]
     b = json.loads((tmp_path / "two.json").read_text())["fid"]
     assert a > 0 and abs(a - b) < 1e-6 * a  # 4 batches over 2 ranks: the same 10 samples
@@ -416,3 +416,171 @@ def test_real_network_mnist_halves_closer_than_mnist_vs_cifar(
     cross = fid.fid_from_features(fa, fc)
     print(f"FID N={n}: MNIST half vs half {same:.2f}, MNIST vs CIFAR-10 {cross:.2f}")
     assert 0 < same < 0.4 * cross
+
+
+# ------------------------------------------------------------------- the literature's setup
+
+
+class _FakeNvidia(nn.Module):
+    """NVIDIA's interface: 0..255 values of any size, resized inside, ``return_features``."""
+
+    def __init__(self, inner: torch.jit.ScriptModule):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, img: Tensor, return_features: bool = False) -> Tensor:
+        x = img.to(torch.float32)
+        if x.shape[2] != 299 or x.shape[3] != 299:
+            x = fid.resize_tf1_bilinear(x)
+        f = self.inner((x - 128.0) / 128.0)
+        return f if return_features else f[:, :1008]
+
+
+def test_both_network_files_are_detected_by_content(tmp_path: Path, fake_net_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        inner = torch.jit.load(str(fake_net_path))
+        torch.jit.script(_FakeNvidia(inner)).save(str(tmp_path / "nv.pt"))
+    a, b = fid.identify_inception(fake_net_path), fid.identify_inception(tmp_path / "nv.pt")
+    assert (a.kind, b.kind) == ("fid-helper", "nvidia")
+    assert not a.verified and not b.verified and len(a.sha256) == 64
+    imgs = _images(6)
+    with pytest.warns(UserWarning, match="not in transflow's table"):
+        fa = fid.inception_features(imgs, fid.load_inception(fake_net_path))
+        fb = fid.inception_features(imgs, fid.load_inception(tmp_path / "nv.pt"))
+    np.testing.assert_allclose(fb, fa, rtol=1e-4, atol=1e-5)  # same pixels into the same net
+    import pickle
+
+    (tmp_path / "nv.pkl").write_bytes(pickle.dumps({"not": "a network"}))
+    with pytest.raises(ValueError, match="pickle.*inception-2015-12-05.pt"):
+        fid.identify_inception(tmp_path / "nv.pkl")
+    (tmp_path / "junk.pt").write_bytes(b"GIF89a....")
+    with pytest.raises(ValueError, match="not a TorchScript archive"):
+        fid.identify_inception(tmp_path / "junk.pt")
+
+
+def test_precision_recall_against_brute_force_and_hand_cases() -> None:
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((60, 5))
+    fake = rng.standard_normal((50, 5)) * 1.5 + 0.7
+
+    def brute(r: np.ndarray, g: np.ndarray, k: int) -> tuple[float, float]:
+        def radii(a: np.ndarray) -> np.ndarray:
+            d = np.linalg.norm(a[:, None] - a[None], axis=-1)
+            return np.sort(d, axis=1)[:, k]
+
+        def covered(p: np.ndarray, c: np.ndarray, rad: np.ndarray) -> float:
+            d = np.linalg.norm(p[:, None] - c[None], axis=-1)
+            return float((d <= rad[None]).any(1).mean())
+
+        return covered(g, r, radii(r)), covered(r, g, radii(g))
+
+    got = fid.precision_recall(real, fake, k=3, block=7)
+    assert got == pytest.approx(brute(real, fake, 3), abs=1e-12)
+    assert 0 < got[0] < 1 and 0 < got[1] < 1
+    assert fid.precision_recall(real, real) == (1.0, 1.0)
+    far = real + 100.0
+    assert fid.precision_recall(real, far) == (0.0, 0.0)
+    # mode dropping: fakes from one half of the real set keep precision, lose recall
+    half = real[real[:, 0] > 0]
+    p, r = fid.precision_recall(real, half + 1e-3)
+    assert p == 1.0 and r < 0.8
+
+
+def test_eval_fid_of_images_against_data_stats_file_and_adm_batch(
+        tmp_path: Path, fake_net_path: Path) -> None:
+    import json
+
+    from transflow.cli import main
+
+    data = tmp_path / "data.npz"
+    x_train = _images(40, seed=1)
+    np.savez(data, x_train=x_train, x_test=_images(10, seed=2))
+    np.savez(tmp_path / "samples.npz", arr_0=_images(30, seed=3))
+    common = ["--inception", str(fake_net_path), "--cache-dir", str(tmp_path / "cache"),
+              "--no-progress"]
+    out = tmp_path / "r.json"
+    assert main(["eval", "fid", "--samples", str(tmp_path / "samples.npz"), "--data", str(data),
+                 "--precision-recall", "--json", str(out), *common]) == 0
+    r = json.loads(out.read_text())
+    assert r["reference"] == {"kind": "data", "data": str(data), "split": "train", "images": 40}
+    assert r["n"] == 30 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["k"] == 3
+    assert r["network"]["kind"] == "fid-helper" and r["network"]["sha1"]
+    assert "biased upward" in r["note"] and r["preprocessing"] == fid.STATS_VERSION
+    # the same against statistics written by fid-stats (EDM layout: mu, sigma) ...
+    assert main(["fid-stats", str(data), "-o", str(tmp_path / "ref.npz"), *common]) == 0
+    out2 = tmp_path / "r2.json"
+    assert main(["eval", "fid", "--samples", str(tmp_path / "samples.npz"), "--ref-stats",
+                 str(tmp_path / "ref.npz"), "--json", str(out2), *common]) == 0
+    assert json.loads(out2.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-9)
+    # ... and against an ADM reference batch (images in arr_0)
+    np.savez(tmp_path / "adm.npz", arr_0=x_train)
+    out3 = tmp_path / "r3.json"
+    assert main(["eval", "fid", "--samples", str(tmp_path / "samples.npz"), "--ref-stats",
+                 str(tmp_path / "adm.npz"), "--json", str(out3), *common]) == 0
+    assert json.loads(out3.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-9)
+    # a folder of PNGs is the same images
+    from PIL import Image
+
+    (tmp_path / "pngs").mkdir()
+    for i, im in enumerate(_images(30, seed=3)):
+        Image.fromarray(im[..., 0]).save(tmp_path / "pngs" / f"{i:03d}.png")
+    out4 = tmp_path / "r4.json"
+    assert main(["eval", "fid", "--samples", str(tmp_path / "pngs"), "--data", str(data),
+                 "--json", str(out4), *common]) == 0
+    assert json.loads(out4.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-9)
+    # mistakes: one line, exit 2
+    assert main(["eval", "fid", "--samples", str(tmp_path / "samples.npz"), *common]) == 2
+    assert main(["eval", "fid", "--samples", str(tmp_path / "samples.npz"), "--ref-stats",
+                 str(tmp_path / "ref.npz"), "--precision-recall", *common]) == 2
+
+
+def test_eval_fid_defaults_follow_the_literature() -> None:
+    from transflow.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "fid", "m", "--data", "d"])
+    assert args.n == 50_000 and args.split == "train" and args.k == 3
+
+
+def test_sample_npz_holds_adm_arr_0(tmp_path: Path) -> None:
+    from transflow import TarFlowConfig, build
+    from transflow.checkpoints import save_pretrained
+    from transflow.cli import main
+
+    torch.manual_seed(0)
+    save_pretrained(build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16,
+                                        head_dim=8, blocks=1, layers=1, num_levels=17)),
+                    tmp_path / "m")
+    assert main(["sample", str(tmp_path / "m"), "-o", str(tmp_path / "s.npz"), "--n", "4"]) == 0
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (4, 8, 8, 1) and z["arr_0"].dtype == np.uint8
+        spread = np.round(z["images"].astype(np.float64) * 255 / 16).astype(np.uint8)
+        assert np.array_equal(z["arr_0"], spread)  # 17 levels spread over 0..255
+
+
+class _Uint8Inception(nn.Module):
+    """The network behind torchmetrics' interface: uint8 ``[N, 3, H, W]`` -> ``[N, 2048]``,
+    with transflow's preprocessing."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(fid.preprocess(x))
+
+
+@pytest.mark.slow
+def test_fid_equals_torchmetrics_with_the_same_network(inception: torch.nn.Module) -> None:
+    tm = pytest.importorskip("torchmetrics.image.fid",
+                             reason="torchmetrics (a test extra) is not installed")
+    with np.load(shared_path("data/cifar10_subset.npz")) as z:
+        a, b = z["x_train"][:40], z["x_test"][:40]
+    ours = fid.fid_from_features(fid.inception_features(a, inception, batch_size=20),
+                                 fid.inception_features(b, inception, batch_size=20))
+    metric = tm.FrechetInceptionDistance(feature=_Uint8Inception(inception))
+    metric.update(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous(), real=True)
+    metric.update(torch.from_numpy(b).permute(0, 3, 1, 2).contiguous(), real=False)
+    theirs = float(metric.compute())
+    print(f"FID of CIFAR-10 train[:40] vs test[:40]: ours {ours:.4f}, torchmetrics {theirs:.4f}")
+    assert ours > 10 and abs(ours - theirs) <= 1e-3 * ours

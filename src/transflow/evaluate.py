@@ -23,14 +23,16 @@ import torch
 from torch import Tensor
 
 from . import fid
-from .data import load_data, pil_to_array
+from .data import pil_to_array
 from .distributed import SINGLE, DistInfo, all_reduce_sum
+from .fidjob import data_pixels, model_features
 from .flows import Flow
-from .images import levels_to_pixels
-from .likelihood import bits_per_dim, dequantize_uniform, unit_to_levels
-from .sampling import SampleOptions, draw
+from .likelihood import bits_per_dim, dequantize_uniform
+from .sampling import SampleOptions
 
 ESTIMATORS = ("mean", "iw")
+__all__ = ["per_image_bpd", "evaluate_bpd", "auroc", "load_images_as_levels", "model_fid",
+           "data_pixels"]
 
 
 @torch.no_grad()
@@ -168,42 +170,13 @@ def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Ten
     return x, names
 
 
-def data_pixels(data_spec: str, split: str = "test", limit: int = 0) -> np.ndarray:
-    """The images of a data set as 8-bit pixels ``uint8 [N, H, W, C]`` (levels of K-level data
-    are spread over 0..255), for FID reference statistics."""
-    data = load_data(data_spec)
-    x, _ = data.split(split)
-    x = x[:limit or len(x)]  # a tensor (a prepared set's images are read here)
-    return levels_to_pixels(x, data.num_levels)
-
-
 def model_fid(model: Flow, reference: fid.FeatureStats, n: int,
               options: SampleOptions | None = None, *, inception=None,
               device: str | torch.device = "cpu", progress: bool = False,
               dist: DistInfo = SINGLE) -> float:
     """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.fid.
-    FeatureStats`). Samples are drawn with :func:`transflow.sampling.draw` (``options``: a
-    :class:`transflow.sampling.SampleOptions`), quantized to the model's levels and spread over
-    0..255, and streamed through the Inception network.
-
-    Under ``torchrun`` (``dist``) every rank draws its share of the batches (the images are
-    those of one process) and the feature statistics of the ranks are merged; every rank returns
-    the FID."""
-    options = options or SampleOptions()
-    net = fid.load_inception(inception, device=device)
-    stats = fid.FeatureStats(fid.FEATURE_DIM)
-    for _, res in draw(model, n, options, dist=dist, progress=progress):
-        x = torch.nan_to_num(res.images, nan=0.0, posinf=1.0, neginf=-1.0)
-        pixels = levels_to_pixels(unit_to_levels(x, model.config.num_levels),
-                                  model.config.num_levels)
-        for f in fid.iter_features(pixels, net, options.batch_size, device):
-            stats.update(f)
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        parts: list = [None] * dist.world
-        tdist.all_gather_object(parts, stats)
-        stats = fid.FeatureStats(fid.FEATURE_DIM)
-        for part in parts:  # in rank order: the same merged statistics on every rank
-            stats.merge(part)
+    FeatureStats`), sampled as :func:`transflow.fidjob.model_features` does (sharded under
+    ``torchrun``: every rank returns the FID of all ``n``)."""
+    stats, _ = model_features(model, n, options, inception=inception, device=device,
+                              progress=progress, dist=dist)
     return fid.fid_from_stats(stats, reference)

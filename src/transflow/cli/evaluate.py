@@ -1,16 +1,17 @@
-"""``transflow eval bpd | fid-stats | fid`` and ``transflow score``."""
+"""``transflow eval bpd | fid-stats | fid``, ``transflow fid-stats`` and ``transflow score``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from .. import distributed, fid
+from .. import distributed, fid, fidjob
 from ..atomic import write_json
 from ..data import load_data
-from ..evaluate import data_pixels, evaluate_bpd, load_images_as_levels, model_fid, per_image_bpd
+from ..evaluate import evaluate_bpd, load_images_as_levels, per_image_bpd
 from ..rundir import RunDir
 from ..sampling import SampleOptions
 from .common import (
@@ -57,28 +58,36 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_progress(b)
     b.set_defaults(func=run_eval_bpd)
 
-    fs = ev.add_parser("fid-stats", help="compute and cache a data set's FID reference stats")
+    fs = ev.add_parser("fid-stats", help="FID reference statistics of a data set (also "
+                                         "`transflow fid-stats`)")
     fs.add_argument("--data", required=True, help="data set (as for train --data)")
-    fs.add_argument("--split", default="test", choices=["train", "test"],
-                    help="split (default test)")
-    fs.add_argument("--limit", type=nonnegative_int, default=0,
-                    help="use only the first N images (default 0: all)")
-    fs.add_argument("--inception", default=None, help=_INCEPTION_HELP)
-    fs.add_argument("--cache-dir", default=None, help="default ~/.cache/transflow/fid")
-    fs.add_argument("--out", default=None, help="also write the stats to this .npz")
-    add_device(fs)
-    add_progress(fs)
-    fs.set_defaults(func=run_eval_fid_stats)
+    add_fid_stats_flags(fs)
 
-    f = ev.add_parser("fid", help="FID of model samples against a data set's statistics")
-    add_model(f)
-    f.add_argument("--data", required=True, help="reference data set (as for train --data)")
+    f = ev.add_parser("fid", help="FID (and precision/recall) of a model's samples or of images",
+                      description="FID as the literature reports it: the TF Inception network "
+                                  "with TF1 bilinear resizing, 50,000 samples against the "
+                                  "training set (docs/fid.md).")
+    f.add_argument("model", nargs="?", default=None, metavar="MODEL_OR_RUN",
+                   help="the model to sample (a pretrained directory, run, checkpoint or Hub "
+                        "repository); omit it with --samples")
+    f.add_argument("--samples", default=None, metavar="DIR_OR_NPZ",
+                   help="score these images instead of sampling: a folder of images or an .npz "
+                        "(arr_0, samples, images, x or x_test)")
+    f.add_argument("--data", default=None, help="reference data set (as for train --data)")
+    f.add_argument("--ref-stats", default=None, metavar="NPZ",
+                   help="reference statistics instead of --data: mu and sigma (EDM, ADM, "
+                        "transflow fid-stats) or an ADM reference batch (images in arr_0)")
     add_step(f)
-    f.add_argument("--split", default="test", choices=["train", "test"],
-                   help="reference split (default test)")
+    f.add_argument("--split", default="train", choices=["train", "test"],
+                   help="reference split of --data (default train, as the literature)")
     f.add_argument("--ref-limit", type=nonnegative_int, default=0,
                    help="reference: first N images only (default 0: all)")
-    add_sampling(f, n=1000)
+    add_sampling(f, n=fidjob.LITERATURE_SAMPLES)
+    f.add_argument("--precision-recall", action="store_true",
+                   help="also improved precision and recall (Kynkaanniemi et al. 2019) on the "
+                        "same features")
+    f.add_argument("--k", type=positive_int, default=3,
+                   help="neighbourhood size of precision/recall (default 3)")
     f.add_argument("--inception", default=None, help=_INCEPTION_HELP)
     f.add_argument("--cache-dir", default=None,
                    help="reference statistics cache (default ~/.cache/transflow/fid)")
@@ -86,6 +95,30 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON")
     add_progress(f)
     f.set_defaults(func=run_eval_fid)
+
+
+def add_fid_stats_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``fid-stats`` (top level and under ``eval``) after the data argument."""
+    p.add_argument("--split", default="train", choices=["train", "test"],
+                   help="split (default train)")
+    p.add_argument("--limit", type=nonnegative_int, default=0,
+                   help="use only the first N images (default 0: all)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="resize an image folder to this size first (as the model's training)")
+    p.add_argument("--inception", default=None, help=_INCEPTION_HELP)
+    p.add_argument("--cache-dir", default=None, help="default ~/.cache/transflow/fid")
+    p.add_argument("-o", "--out", default=None, help="also write mu, sigma and n to this .npz")
+    add_device(p)
+    add_progress(p)
+    p.set_defaults(func=run_eval_fid_stats)
+
+
+def add_fid_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fid-stats", help="write a data set's FID reference statistics",
+                       description="Inception statistics (mu, sigma, n) of a data set's split, "
+                                   "for eval fid --ref-stats (also cached).")
+    p.add_argument("data", help="data set (as for train --data)")
+    add_fid_stats_flags(p)
 
 
 def run_eval_bpd(args: argparse.Namespace) -> int:
@@ -129,18 +162,27 @@ def run_eval_bpd(args: argparse.Namespace) -> int:
 
 
 def run_eval_fid_stats(args: argparse.Namespace) -> int:
-    pixels = data_pixels(args.data, args.split, args.limit)
+    if args.out:
+        check_output_location(Path(args.out).parent)
+    pixels = fidjob.data_pixels(args.data, args.split, args.limit, args.image_size)
     stats = fid.reference_stats(pixels, cache_dir=args.cache_dir, inception=args.inception,
                                 device=str(distributed.resolve_device(args.device)),
                                 progress=not args.no_progress)
     if args.out:
-        fid.save_stats(args.out, stats)
+        fid.save_stats(args.out, stats, split=args.split, data=str(args.data),
+                       network_sha1=fid.identify_inception(args.inception).sha1,
+                       preprocessing=fid.STATS_VERSION)
     print(f"FID reference statistics of {args.data} ({args.split}, {stats.n} images) cached in "
-          f"{args.cache_dir or fid.default_cache_dir()}")
+          f"{args.cache_dir or fid.default_cache_dir()}" + (f" and written to {args.out}"
+                                                            if args.out else ""))
     return 0
 
 
 def run_eval_fid(args: argparse.Namespace) -> int:
+    if (args.model is None) == (args.samples is None):
+        raise UsageError("give a model to sample, or --samples with existing images (not both)")
+    if (args.data is None) == (args.ref_stats is None):
+        raise UsageError("give the reference as --data or --ref-stats (one of them)")
     if args.n < 2:
         raise UsageError(f"--n must be at least 2, got {args.n}")
     if args.json:
@@ -148,27 +190,48 @@ def run_eval_fid(args: argparse.Namespace) -> int:
     options = options_from_args(args, SampleOptions)
     # under torchrun the samples are shared out among the processes; rank 0 reports
     info, dev = distributed.setup(distributed.resolve_device(args.device))
-    device = str(dev)
-    model = load_model(args.model, device, args.step)
+    device, progress = str(dev), not args.no_progress and info.main
+    fid.identify_inception(args.inception)  # a bad network file fails before any work
+    model = load_model(args.model, device, args.step) if args.model else None
+    pixels = fidjob.sample_pixels(args.samples) if args.samples else None
+    if model is not None:
+        size, channels = model.config.image_size, model.config.channels
+    else:
+        size, channels = int(pixels.shape[2]), None  # images of their own size
     ref = None
     if info.main:
-        ref = fid.reference_stats(data_pixels(args.data, args.split, args.ref_limit),
-                                  cache_dir=args.cache_dir, inception=args.inception,
-                                  device=device, progress=not args.no_progress)
+        kw = dict(need_features=args.precision_recall, cache_dir=args.cache_dir,
+                  inception=args.inception, device=device, progress=progress)
+        ref = (fidjob.reference_from_data(args.data, args.split, args.ref_limit,
+                                          image_size=size, channels=channels, **kw)
+               if args.data else fidjob.reference_from_file(args.ref_stats, **kw))
     ref = distributed.broadcast_object(ref, info)
-    value = model_fid(model, ref, args.n, options, inception=args.inception, device=device,
-                      progress=not args.no_progress and info.main, dist=info)
+    if model is not None:
+        stats, feats = fidjob.model_features(model, args.n, options, keep=args.precision_recall,
+                                             inception=args.inception, device=device,
+                                             progress=progress, dist=info)
+        what = {"model": args.model, "step": args.step, "denoise": options.denoises(model),
+                "sampling": dataclasses.asdict(options)}
+    else:
+        stats, feats = fidjob.image_features(pixels, keep=args.precision_recall,
+                                             inception=args.inception, device=device,
+                                             batch_size=options.batch_size, progress=progress)
+        what = {"samples": args.samples}
     distributed.teardown()
     if not info.main:
         return 0
-    denoised = options.denoises(model)
-    print(f"FID {value:.3f} ({args.n} samples vs {ref.n} {args.split} images of {args.data}"
-          f"{', denoised' if denoised else ''})")
+    result = fidjob.report(stats, feats, ref, k=args.k, inception=args.inception, **what)
+    r = ref.record
+    against = (f"{r['images']} {r['split']} images of {r['data']}" if r["kind"] == "data"
+               else f"the statistics in {r['file']}")
+    pr = (f", precision {result['precision']:.4f}, recall {result['recall']:.4f} (k={args.k})"
+          if "precision" in result else "")
+    print(f"FID {result['fid']:.3f} ({stats.n} {'samples' if model else 'images'} vs "
+          f"{against}{pr})")
+    if "note" in result:
+        print(f"note: {result['note']}")
     if args.json:
-        write_json(args.json, {"fid": value, "n": args.n, "reference_images": ref.n,
-                               "data": args.data, "split": args.split, "denoise": denoised,
-                               "guidance": options.guidance,
-                               "temperature": options.temperature, "method": options.method})
+        write_json(args.json, result)
     return 0
 
 

@@ -27,7 +27,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
         "sample", help="draw images from a trained model",
         description="Sample images from a model (any path transflow.load accepts) and write "
                     "them as a PNG grid (OUT.png), a folder of PNGs (OUT/) or an .npz (OUT.npz: "
-                    "'images' uint8 levels [N, H, W, C], 'labels' [N], 'num_levels'). Image i "
+                    "'arr_0' 8-bit pixels [N, H, W, C] as ADM writes them, 'images' uint8 "
+                    "levels, 'labels' [N], 'num_levels'). Image i "
                     "is drawn from its own generator seeded SEED + i, so it does not depend on "
                     "--batch-size or the number of processes. See docs/sampling.md.")
     add_model(p)
@@ -87,7 +88,10 @@ def run_sample(args: argparse.Namespace) -> int:
     # -- Write ---------------------------------------------------------------------------------
     if fmt == "npz":
         with atomic_open(out, "wb") as f:
-            np.savez(f, images=levels.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(),
+            # arr_0: 8-bit pixels [N, H, W, C], the array ADM's evaluator and eval fid read
+            pixels = levels_to_pixels(levels, cfg.num_levels)
+            np.savez(f, arr_0=pixels,
+                     images=levels.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(),
                      num_levels=np.int64(cfg.num_levels))
     else:
         pixels = levels_to_pixels(levels, cfg.num_levels)
