@@ -584,3 +584,16 @@ def test_fid_equals_torchmetrics_with_the_same_network(inception: torch.nn.Modul
     theirs = float(metric.compute())
     print(f"FID of CIFAR-10 train[:40] vs test[:40]: ours {ours:.4f}, torchmetrics {theirs:.4f}")
     assert ours > 10 and abs(ours - theirs) <= 1e-3 * ours
+
+
+def test_image_folder_reference_is_made_at_the_models_size(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from transflow.fidjob import data_pixels
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i:02d}.png")
+    assert data_pixels(str(tmp_path), "train", image_size=16).shape == (18, 16, 16, 3)
+    assert data_pixels(str(tmp_path), "test").shape == (2, 40, 40, 3)  # its own size otherwise
