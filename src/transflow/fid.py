@@ -177,16 +177,13 @@ def load_inception(path: str | os.PathLike[str] | None = None,
 
 
 def _file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha1(path, hashlib.sha256)
 
 
-def file_sha1(path: str | os.PathLike[str]) -> str:
-    """Hex sha1 of a file (the network file's identity in cache keys)."""
-    h = hashlib.sha1()
+def file_sha1(path: str | os.PathLike[str], algorithm=hashlib.sha1) -> str:
+    """Hex sha1 (or another ``hashlib`` algorithm) of a file (the network file's identity in
+    cache keys)."""
+    h = algorithm()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
