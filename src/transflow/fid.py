@@ -19,6 +19,7 @@ eigendecompositions), which is stable for singular covariances. See ``docs/fid.m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import os
@@ -130,6 +131,14 @@ def identify_inception(path: str | os.PathLike[str] | None = None) -> NetworkInf
     ``ValueError`` says what was found otherwise (a Python pickle such as NVIDIA's ``.pkl`` is
     refused: unpickling can run code)."""
     p = find_inception(path)
+    st = p.stat()
+    return _identify(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _identify(path: str, size: int, mtime_ns: int) -> NetworkInfo:
+    """:func:`identify_inception` of an unchanged file, once per process."""
+    p = Path(path)
     with open(p, "rb") as f:
         head = f.read(4)
     if head[:1] == b"\x80":
@@ -149,7 +158,7 @@ def identify_inception(path: str | os.PathLike[str] | None = None) -> NetworkInf
                          f"({' '.join(str(e).split())[:120]})") from None
     schema = str(net.forward.schema)
     kind = "nvidia" if "return_features" in schema else "fid-helper"
-    sha1, sha256 = file_sha1(p), _file_sha256(p)
+    sha1, sha256 = file_sha1(p), file_sha1(p, "sha256")
     known = KNOWN_NETWORKS.get(sha1)
     if known and known[0] != kind:
         raise ValueError(f"{p}: its hash is that of the {known[0]} file but its content is not")
@@ -176,14 +185,16 @@ def load_inception(path: str | os.PathLike[str] | None = None,
     return net
 
 
-def _file_sha256(path: str | os.PathLike[str]) -> str:
-    return file_sha1(path, hashlib.sha256)
-
-
-def file_sha1(path: str | os.PathLike[str], algorithm=hashlib.sha1) -> str:
+def file_sha1(path: str | os.PathLike[str], algorithm: str = "sha1") -> str:
     """Hex sha1 (or another ``hashlib`` algorithm) of a file (the network file's identity in
-    cache keys)."""
-    h = algorithm()
+    cache keys); computed once per process for an unchanged file."""
+    st = os.stat(path)
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, algorithm)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -525,6 +536,21 @@ def _data_hash(images: ImageArray) -> str:
     return h.hexdigest()
 
 
+def _cached(data: str | os.PathLike[str] | ImageArray, split: str, max_images: int | None,
+            inception: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None,
+            prefix: str, suffix: str) -> tuple[ImageArray, Path, str, Path]:
+    """The images of a reference, the network file, the cache key (sha256 of the recipe, the
+    network's sha1 and the images) and the cache file ``prefix + key[:24] + suffix``."""
+    images = _load_split(data, split)
+    if max_images is not None:
+        images = images[:max_images]
+    net_path = find_inception(inception)
+    key = hashlib.sha256(
+        f"{STATS_VERSION}|{file_sha1(net_path)}|{_data_hash(images)}".encode()).hexdigest()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return images, net_path, key, cache / f"{prefix}{key[:24]}{suffix}"
+
+
 def reference_stats(data: str | os.PathLike[str] | ImageArray, split: str = "test",
                     cache_dir: str | os.PathLike[str] | None = None,
                     inception: str | os.PathLike[str] | None = None,
@@ -538,16 +564,10 @@ def reference_stats(data: str | os.PathLike[str] | ImageArray, split: str = "tes
     :func:`default_cache_dir`) is keyed on sha256 of the images, the sha1 of the network file
     (resolved as in :func:`find_inception`) and :data:`STATS_VERSION`; the network is loaded only
     on a cache miss."""
-    images = _load_split(data, split)
-    if max_images is not None:
-        images = images[:max_images]
+    images, net_path, key, cache_file = _cached(data, split, max_images, inception, cache_dir,
+                                                "ref-", ".npz")
     if len(images) < 2:
         raise ValueError(f"reference statistics need at least 2 images, got {len(images)}")
-    net_path = find_inception(inception)
-    key = hashlib.sha256(
-        f"{STATS_VERSION}|{file_sha1(net_path)}|{_data_hash(images)}".encode()).hexdigest()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache / f"ref-{key[:24]}.npz"
     if cache_file.is_file():
         with np.load(cache_file) as z:
             if "key" in z and str(z["key"]) == key:
@@ -566,14 +586,8 @@ def reference_features(data: str | os.PathLike[str] | ImageArray, split: str = "
     """The Inception features of a real data set, float64 ``[N, 2048]`` (exactly the float32
     network outputs), cached like :func:`reference_stats` as ``feat-<key>.npy`` (for
     precision/recall, which needs the features, not only their moments)."""
-    images = _load_split(data, split)
-    if max_images is not None:
-        images = images[:max_images]
-    net_path = find_inception(inception)
-    key = hashlib.sha256(
-        f"{STATS_VERSION}|{file_sha1(net_path)}|{_data_hash(images)}".encode()).hexdigest()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache / f"feat-{key[:24]}.npy"
+    images, net_path, _, cache_file = _cached(data, split, max_images, inception, cache_dir,
+                                              "feat-", ".npy")
     if cache_file.is_file():
         f = np.load(cache_file)
         if f.shape == (len(images), FEATURE_DIM):
