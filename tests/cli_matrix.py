@@ -210,7 +210,8 @@ def build(root: Path) -> None:
     (root / "unfinished").mkdir()
     (root / "unfinished" / STATE).write_text("{}")
     torch.manual_seed(0)
-    cfg = get_config("tarflow-digits", width=32, blocks=2, layers=1, head_dim=16)
+    cfg = get_config("tarflow-digits", width=32, blocks=2, layers=1, head_dim=16,
+                     marginals=False, whiten=False)  # exportable to the original's layout
     model = build_model(cfg)
     save_pretrained(model, root / "model")
     save_original(model, root / "original.pth")

@@ -44,6 +44,10 @@ def perturb(model: torch.nn.Module, std: float = 0.1, seed: int = 0,
                         p[half:] -= 4 * scale_shift
             elif "embed" in name:
                 p.add_(noise * 0.3)
+            elif "marginals" in name:  # bin masses far from uniform (ratios up to e^3)
+                p.copy_(noise * 0.7)
+            elif "whitening" in name:  # a patch map far from the identity
+                p.add_(noise * (0.3 if name.endswith("weight") else 0.1))
     return model
 
 
@@ -59,6 +63,7 @@ TARFLOW_VARIANTS = {
     "deep-shallow": dict(blocks=3, layers=[3, 1, 1]),
     "starflow-all": dict(scale="softplus", soft_clip=2.0, final_norm=True, layers=[2, 1],
                          num_classes=3),
+    "datamaps": dict(marginals=True, whiten=True, num_levels=17, num_classes=3),
 }
 JET_VARIANTS = {
     "default": dict(),
@@ -66,6 +71,7 @@ JET_VARIANTS = {
     "spatial-only": dict(kinds=["spatial"], couplings=6),
     "cond": dict(num_classes=3),
     "scale3": dict(scale_factor=3.0, kinds=["spatial", "channels"]),
+    "datamaps": dict(marginals=True, whiten=True, num_levels=17),
 }
 
 

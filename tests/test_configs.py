@@ -115,6 +115,35 @@ def test_published_presets_carry_the_published_recipes(name):
         assert (t.weight_decay, t.min_lr) == (1e-4, 1e-6)
 
 
+def test_published_presets_are_the_papers_and_the_small_ones_start_from_the_data():
+    from transflow.presets import PRESETS
+
+    for name, p in PRESETS.items():
+        published = name.split("-")[1] in ("imagenet64", "imagenet128", "afhq256")
+        assert (p.model.marginals, p.model.whiten) == ((False, False) if published
+                                                       else (True, True)), name
+
+
+def test_default_preset_fits_its_patch_to_the_data():
+    from transflow.presets import default_preset, fit_to_data
+
+    assert default_preset("jet", "digits") == "jet-digits"
+    assert default_preset("tarflow", "mnist") == "tarflow-small"
+    jet = dict(image_size=28, channels=1)
+    c = fit_to_data("jet-small", **jet)  # 7 x 7 patches: an odd count, no spatial couplings
+    assert (c.patch_size, c.kinds) == (4, ["channels"])
+    c = fit_to_data("jet-small", image_size=32, channels=3)
+    assert (c.patch_size, c.kinds) == (4, ["channels", "channels", "spatial"])
+    c = fit_to_data("jet-small", **jet, kinds=["spatial"])  # asked for: a smaller patch
+    assert (c.patch_size, c.kinds) == (2, ["spatial"])
+    assert fit_to_data("tarflow-small", image_size=30, channels=3).patch_size == 3
+    assert fit_to_data("tarflow-small", image_size=28, patch_size=7).patch_size == 7
+    with pytest.raises(ValueError, match="patch_size 3 does not divide"):  # given: kept
+        fit_to_data("tarflow-small", image_size=28, patch_size=3)
+    with pytest.raises(ValueError, match="heads 3 does not divide"):
+        fit_to_data("jet-small", **jet, heads=3)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: TarFlowConfig(image_size=30, patch_size=4), "patch_size 4 does not divide "
                                                         "image_size 30"),
@@ -124,6 +153,7 @@ def test_published_presets_carry_the_published_recipes(name):
     (lambda: JetConfig(spatial_masks=["zigzag"]), "unknown spatial mask 'zigzag'"),
     (lambda: JetConfig(image_size=8, channels=3, patch_size=1), "3 values"),
     (lambda: JetConfig(image_size=3, channels=2, patch_size=1), "the 9 tokens"),
+    (lambda: TarFlowConfig(marginals=1), "marginals must be a bool"),
     (lambda: TarFlowConfig(blocks=3, layers=[2, 2]), "2 counts for 3 blocks"),
     (lambda: TarFlowConfig(scale="tanh"), "unknown scale 'tanh'"),
     (lambda: TarFlowConfig(soft_clip=-1.0), "soft_clip"),

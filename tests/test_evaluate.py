@@ -33,8 +33,8 @@ def levels(n=40, k=17, seed=0):
 def test_k_identical_noises_equal_k1(model, monkeypatch):
     x = levels()
     fixed = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
-    monkeypatch.setattr(E, "dequantize_uniform",
-                        lambda k, K, generator=None: (k.float() + fixed[:len(k)]) * 2 / K - 1)
+    monkeypatch.setattr(E, "dequantize_uniform", lambda k, K, generator=None, dtype=None:
+                        (k.float() + fixed[:len(k)]) * 2 / K - 1)
     one = E.per_image_bpd(model, x, dequant_samples=1)
     for est in ("mean", "iw"):
         torch.testing.assert_close(E.per_image_bpd(model, x, dequant_samples=4, estimator=est),
@@ -56,7 +56,7 @@ def test_evaluation_equals_training_loss_on_the_same_batch(model, monkeypatch):
         z, logdet = model(x, y % 3)
         loss = -(model.prior_log_prob(z) + logdet).mean() / model.config.dims
     train_bpd = (float(loss) - math.log(2 / 17)) / math.log(2)
-    monkeypatch.setattr(E, "dequantize_uniform", lambda k, K, generator=None: x)
+    monkeypatch.setattr(E, "dequantize_uniform", lambda k, K, generator=None, dtype=None: x)
     k = data.x_train[:32]  # only its shape and range matter: the noise function returns x
     ev = E.evaluate_bpd(model, k, y % 3)
     assert ev["bpd"] == pytest.approx(train_bpd, abs=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,9 +28,13 @@ def test_tarflow_flops_by_hand():
     assert train_flops(cfg) == 3 * forward_flops(cfg)
 
 
-def test_jet_flops_equal_pytorch_counter():
+@pytest.mark.parametrize("datamaps", [False, True])
+def test_jet_flops_equal_pytorch_counter(datamaps):
+    """With ``whiten`` the patch map's ``2 T D^2`` is counted (the marginal map has no matrix
+    product)."""
     cfg = JetConfig(image_size=8, channels=3, patch_size=2, couplings=3, block_depth=2, width=32,
-                    heads=2)
+                    heads=2, marginals=datamaps, whiten=datamaps)
+    assert cfg.datamap_flops() == (2 * 16 * 12 * 12 if datamaps else 0)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     assert counted(build(cfg), x) == 2 * forward_flops(cfg)
 

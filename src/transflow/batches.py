@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -108,6 +108,19 @@ def make_batch(x_levels: Any, y: Tensor | None, step: int, cfg: TrainConfig,
     H, W]`` in [-1, 1], ``y [B / world]`` (the whole batch in one process)."""
     k, labels = gather_batch(x_levels, y, step, cfg, info)
     return augment_batch(k, labels, step, cfg, model_cfg, device, info)
+
+
+def init_images(x_levels: Any, cfg: TrainConfig, limit: int = 20000, chunk: int = 256
+                ) -> Iterator[Tensor]:
+    """Chunks ``uint8 [<= chunk, C, H, W]`` of up to ``limit`` training images drawn with the
+    run's seed (the same on every rank), for data-dependent initialisation; with ``cfg.flip``
+    every image also comes mirrored, as training sees it. Only these rows are read."""
+    n = len(x_levels)
+    g = torch.Generator().manual_seed(mix_seed(cfg.seed, 0, 2))
+    idx = torch.randperm(n, generator=g)[:limit].sort().values
+    for i in range(0, len(idx), chunk):
+        k = torch.as_tensor(x_levels[idx[i:i + chunk]])
+        yield torch.cat([k, k.flip(-1)]) if cfg.flip else k
 
 
 class Prefetcher:

@@ -58,6 +58,8 @@ def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
         raise ValueError(f"images of shape [N, {want[0]}, {want[1]}, {want[2]}] expected for this "
                          f"model, got {list(x_levels.shape)}")
     device = next(model.parameters()).device
+    # float32 images (bf16 cannot hold 256 levels plus noise), float64 for a float64 model
+    x_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     out = torch.full((len(x_levels),), math.nan, dtype=torch.float64)
     starts = list(range(0, len(x_levels), batch_size))
     rounds = -(-len(starts) // dist.world)  # batches per rank, rounded up
@@ -72,8 +74,9 @@ def per_image_bpd(model: Flow, x_levels: Tensor, y: Tensor | None = None, *,
                              f"on {cfg.num_levels} levels")
         k = k.to(device)
         yy = None if (y is None or not cfg.num_classes) else y[i:i + batch_size].to(device)
-        lp = torch.stack([model.log_prob(dequantize_uniform(k, cfg.num_levels, generator=g),
-                                         yy).double() for _ in range(dequant_samples)])
+        lp = torch.stack([model.log_prob(dequantize_uniform(k, cfg.num_levels, generator=g,
+                                                            dtype=x_dtype), yy).double()
+                          for _ in range(dequant_samples)])
         if estimator == "iw":
             lp = torch.logsumexp(lp, 0) - math.log(dequant_samples)
         else:
@@ -177,6 +180,6 @@ def model_fid(model: Flow, reference: fid.FeatureStats, n: int,
     """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.fid.
     FeatureStats`), sampled as :func:`transflow.fidjob.model_features` does (sharded under
     ``torchrun``: every rank returns the FID of all ``n``)."""
-    stats, _ = model_features(model, n, options, inception=inception, device=device,
-                              progress=progress, dist=dist)
+    stats, _, _ = model_features(model, n, options, inception=inception, device=device,
+                                 progress=progress, dist=dist)
     return fid.fid_from_stats(stats, reference)

@@ -20,7 +20,7 @@ from .distributed import SINGLE, DistInfo
 from .flows import Flow
 from .imagefiles import IMAGE_SUFFIXES, decode_file
 from .images import levels_to_pixels
-from .likelihood import unit_to_levels
+from .likelihood import nonfinite_images, unit_to_levels
 from .sampling import SampleOptions, draw
 from .version import __version__
 
@@ -146,15 +146,19 @@ def image_features(pixels: np.ndarray, *, keep: bool, inception: str | None, dev
 def model_features(model: Flow, n: int, options: SampleOptions | None = None, *,
                    keep: bool = False, inception: str | None = None,
                    device: str | torch.device = "cpu", progress: bool = False,
-                   dist: DistInfo = SINGLE) -> tuple[fid.FeatureStats, np.ndarray | None]:
+                   dist: DistInfo = SINGLE
+                   ) -> tuple[fid.FeatureStats, np.ndarray | None, int]:
     """Inception statistics (and, with ``keep``, features in image order) of ``n`` samples of
     ``model``, drawn by :func:`transflow.sampling.draw` (sharded under torchrun: every rank gets
-    the merged statistics of all ``n``), quantized to the model's levels, spread over 0..255."""
+    the merged statistics of all ``n``), quantized to the model's levels, spread over 0..255;
+    and how many samples were not finite (scored as mid grey)."""
     options = options or SampleOptions()
     net = fid.load_inception(inception, device=device)
     stats = fid.FeatureStats(fid.FEATURE_DIM)
     kept: list[tuple[int, np.ndarray]] = []
+    bad = 0
     for start, res in draw(model, n, options, dist=dist, progress=progress):
+        bad += nonfinite_images(res.images)
         x = torch.nan_to_num(res.images, nan=0.0, posinf=1.0, neginf=-1.0)
         pixels = levels_to_pixels(unit_to_levels(x, model.config.num_levels),
                                   model.config.num_levels)
@@ -167,14 +171,15 @@ def model_features(model: Flow, n: int, options: SampleOptions | None = None, *,
         import torch.distributed as tdist
 
         parts_all: list = [None] * dist.world
-        tdist.all_gather_object(parts_all, (stats, kept))
+        tdist.all_gather_object(parts_all, (stats, kept, bad))
         stats = fid.FeatureStats(fid.FEATURE_DIM)
-        kept = []
-        for part_stats, part_kept in parts_all:  # rank order: the same result on every rank
+        kept, bad = [], 0
+        for part_stats, part_kept, part_bad in parts_all:  # rank order: same on every rank
             stats.merge(part_stats)
             kept.extend(part_kept)
+            bad += part_bad
     features = np.concatenate([f for _, f in sorted(kept, key=lambda t: t[0])]) if keep else None
-    return stats, features
+    return stats, features, bad
 
 
 def report(stats: fid.FeatureStats, features: np.ndarray | None, ref: Reference, *,

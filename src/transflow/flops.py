@@ -3,7 +3,9 @@
 Counts the matrix multiplications only (2 FLOPs per multiply-add): projections, MLPs, and the
 attention products ``Q K^T`` and ``P V``. Causal attention counts the ``T (T + 1) / 2``
 query-key pairs that are actually used; bidirectional attention counts ``T^2``. Element-wise
-work (norms, GELU, softmax, the affine maps) is left out, as in the usual MFU convention.
+work (norms, GELU, softmax, the affine maps, the marginal map of ``config.marginals``) is left
+out, as in the usual MFU convention; the patch whitening of ``config.whiten`` is a matrix product
+and is counted.
 A training step (forward, backward) is counted as 3x the forward. Each family's count is the
 method ``forward_flops`` of its config.
 """

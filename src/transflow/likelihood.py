@@ -77,3 +77,9 @@ def nll_to_bits_per_dim(nll_nats_per_dim: Tensor | float, num_levels: int = 256)
     """Continuous NLL in nats per dimension -> bits/dim (convention of :func:`bits_per_dim`)."""
     _check_levels(num_levels)
     return (nll_nats_per_dim - math.log(2.0 / num_levels)) / math.log(2.0)
+
+
+def nonfinite_images(x: Tensor) -> int:
+    """How many images of ``x [N, ...]`` hold a non-finite value (NaN or +-inf): samples a
+    model drew that cannot be shown (grids draw them as mid grey) or scored."""
+    return int((~torch.isfinite(x.flatten(1))).any(1).sum()) if x.numel() else 0

@@ -139,9 +139,14 @@ def resolve_schedule(cfg: TrainConfig, train_images: int) -> TrainConfig:
     return out
 
 
-def check_noise(noise_std: float, cfg: TrainConfig) -> None:
+def check_noise(noise_std: float, cfg: TrainConfig, marginals: bool = False) -> None:
     """``ValueError`` when the model's ``noise_std`` (what sampling denoises with) disagrees
-    with the training noise (``dequant``)."""
+    with the training noise (``dequant``), or when Gaussian noise would leave the support
+    ``[-1, 1]`` of a model with ``marginals``."""
+    if cfg.dequant == "gaussian" and marginals:
+        raise ValueError("--dequant gaussian moves images outside [-1, 1], where the learned "
+                         "marginals (--marginals) give no density: train with --no-marginals, "
+                         "or --dequant uniform")
     if cfg.dequant == "uniform" and noise_std > 0:
         raise ValueError(f"the model has --noise-std {noise_std:g} (samples are denoised with "
                          "it) but trains with uniform dequantization: give --dequant gaussian to "
@@ -162,12 +167,14 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
                    fused: bool = True) -> torch.optim.AdamW:
     """AdamW (betas 0.9, 0.95) with weight decay on matrices only: biases, norms and embeddings
-    (``ndim < 2`` or ``embed`` in the name) are not decayed. ``fused``: one fused kernel per step
-    where the parameters' device has one (CPU, CUDA; 3-4x faster than the default ``foreach``
-    update on CPU, same result to float rounding), else the default."""
+    (``ndim < 2``, ``embed``) and the data maps (``marginals``, ``whitening``: decay would pull
+    an invertible map toward a singular one) are not decayed. ``fused``: one fused
+    kernel per step where the parameters' device has one (CPU, CUDA; 3-4x faster than the
+    default ``foreach`` update on CPU, same result to float rounding), else the default."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        exempt = p.ndim < 2 or any(k in name for k in ("embed", "marginals", "whitening"))
+        (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device.type

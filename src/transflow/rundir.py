@@ -88,6 +88,24 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], source: str,
 # ---------------------------------------------------------------------------------------------
 # the run directory
 # ---------------------------------------------------------------------------------------------
+class _Writer:
+    """A file's ``write`` that remembers the ``OSError`` it raised (a full disk), which
+    ``torch.save`` reports only as a ``RuntimeError`` about positions."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class RunDir:
     """The files of one training run (see the module docstring for the layout)."""
 
@@ -228,7 +246,13 @@ class RunDir:
 
         try:
             with atomic_path(path, before_replace=rotate) as tmp, open(tmp, "wb") as f:
-                torch.save(state, f)
+                writer = _Writer(f)
+                try:
+                    torch.save(state, writer)
+                except RuntimeError:
+                    if writer.error is not None:  # torch's zip writer hides the OSError
+                        raise writer.error from None
+                    raise
                 f.flush()
         except OSError as e:
             raise ValueError(f"could not write checkpoint {path} ({e.strerror or e}); the "

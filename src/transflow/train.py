@@ -29,14 +29,21 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import distributed as dist_
-from .batches import Prefetcher, augment_batch, batch_indices, gather_batch, make_batch
+from .batches import (
+    Prefetcher,
+    augment_batch,
+    batch_indices,
+    gather_batch,
+    init_images,
+    make_batch,
+)
 from .checkpoints import load
 from .data import ImageData, from_datasets
 from .evaluate import evaluate_bpd
 from .flops import train_flops
 from .flows import Flow, FlowConfig, build
 from .images import grid, levels_to_pixels, save_png
-from .likelihood import bits_per_dim, unit_to_levels
+from .likelihood import bits_per_dim, nonfinite_images, unit_to_levels
 from .recipe import (
     TrainConfig,
     check_noise,
@@ -201,7 +208,7 @@ class Trainer:
             raise ValueError(f"--accum-steps {cfg.accum_steps} must divide each process's "
                              f"{cfg.batch_size // world} images of the global batch")
         cfg = resolve_schedule(cfg, len(data.x_train))
-        check_noise(model_config.noise_std, cfg)
+        check_noise(model_config.noise_std, cfg, model_config.marginals)
         self.model_config, self.data, self.cfg, self.run = model_config, data, cfg, run
         self.progress = progress
         self.info, self.device = dist_.setup(dist_.resolve_device(cfg.device))
@@ -214,6 +221,8 @@ class Trainer:
         ckpt = run.load_checkpoint() if resume else None
         if init_from and not ckpt:
             init_weights(model, init_from)
+        elif not ckpt:  # data-dependent initialisation (the marginals' histograms)
+            model.init_from_data(init_images(data.x_train, cfg))
         if ckpt:
             check_same_model(ckpt["model_config"], model_config, run)
             model.load_state_dict(ckpt["model"])
@@ -448,18 +457,23 @@ class Trainer:
         ev = evaluate_bpd(self.ema, self.data.x_test, self.data.y_test,
                           progress=self.progress and info.main, dist=info)
         rss = dist_.gather_objects(peak_rss_mb(), info)  # every rank's peak resident memory
-        self.log({"step": self.state.step, "test_bpd": ev["bpd"], "test_se": ev["se"],
-                  "test_images": ev["images"], "final": True, "time": elapsed,
-                  "peak_rss_mb": rss})
         final = self.plain_ema()
+        diverged, nonfinite = None, None
         if final is not None:
             bad = [n for n, t in final.state_dict().items() if not torch.isfinite(t).all()]
             if bad or not math.isfinite(ev["bpd"]):
-                what = (f"the final EMA weights are not finite ({len(bad)} tensor(s), e.g. "
-                        f"{bad[0]!r})" if bad else f"the final test bits/dim is {ev['bpd']}")
-                raise ValueError(f"training diverged: {what}; the model was not saved to "
+                diverged = (f"the final EMA weights are not finite ({len(bad)} tensor(s), e.g. "
+                            f"{bad[0]!r})" if bad else f"the final test bits/dim is {ev['bpd']}")
+            else:
+                nonfinite = self.sample_grid("final.png", final)
+        self.log({"step": self.state.step, "test_bpd": ev["bpd"], "test_se": ev["se"],
+                  "test_images": ev["images"], "final": True, "time": elapsed,
+                  "peak_rss_mb": rss,
+                  **({} if nonfinite is None else {"nonfinite_samples": nonfinite})})
+        if final is not None:
+            if diverged:
+                raise ValueError(f"training diverged: {diverged}; the model was not saved to "
                                  f"{self.run.model_dir} (try a lower --lr)")
-            self.sample_grid("final.png", final)
             self.run.save_model(final if self.sharded else self.model,
                                 ema_state_dict=final.state_dict())
         dist_.barrier()
@@ -467,6 +481,7 @@ class Trainer:
             tracker.close()
         return {"run_dir": str(self.run.path), "steps": self.state.step, "test_bpd": ev["bpd"],
                 "test_se": ev["se"], "test_images": ev["images"], "seconds": elapsed,
+                "nonfinite_samples": nonfinite,
                 "skipped_steps": self.state.bad_steps,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
@@ -521,21 +536,26 @@ class Trainer:
         m.load_state_dict(sd)
         return m
 
-    def sample_grid(self, name: str, model: Flow | None = None) -> None:
-        """A grid of EMA samples in ``samples/NAME``; a failure to write one (full disk, ...)
-        is reported and training goes on."""
+    def sample_grid(self, name: str, model: Flow | None = None) -> int | None:
+        """A grid of EMA samples in ``samples/NAME``; returns how many were not finite (None
+        when none was written). A failure to write one (full disk, ...) is reported and
+        training goes on."""
         model = model if model is not None else self.plain_ema()
         if model is None:
-            return
+            return None
         path = self.run.sample_path(name)
         try:
-            pixels = save_sample_grid(model, path, seed=self.cfg.seed)
+            pixels, bad = save_sample_grid(model, path, seed=self.cfg.seed)
         except OSError as e:
             self.say(f"warning: could not write sample grid {path} ({e.strerror or e}); "
                      "training continues")
-            return
+            return None
+        if bad:
+            self.say(f"warning: {bad} of the {grid_labels(model.config)[1]} samples in {path} "
+                     "are not finite (drawn mid grey)")
         for tracker in self.trackers:
             tracker.image(f"samples/{Path(name).stem}", self.state.step, pixels)
+        return bad
 
     def say(self, text: str) -> None:
         """A message on stderr and in ``log.txt`` (rank 0)."""
@@ -594,19 +614,21 @@ def grid_labels(config: FlowConfig, per_class: int = 8) -> tuple[Tensor | None, 
 
 
 @torch.no_grad()
-def save_sample_grid(model: Flow, path: Path, seed: int = 0) -> np.ndarray:
+def save_sample_grid(model: Flow, path: Path, seed: int = 0) -> tuple[np.ndarray, int]:
     """Write a PNG grid of samples drawn by the one sampler with ``seed`` (image ``i`` from seed
     ``seed + i``, as ``transflow sample``): one row per class for conditional models, else
-    8x8. Returns the grid ``uint8 [H, W, C]``."""
+    8x8. Returns the grid ``uint8 [H, W, C]`` and how many samples were not finite (drawn
+    mid grey)."""
     cfg = model.config
     y, n, nrow = grid_labels(cfg)
     x = model.sample(n, y, seed=seed)
+    bad = nonfinite_images(x)
     x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
     pixels = levels_to_pixels(unit_to_levels(x, cfg.num_levels), cfg.num_levels)
     scale = max(1, 128 // (cfg.image_size * nrow) + 1) if cfg.image_size < 32 else 1
     mosaic = grid(pixels, nrow=nrow)
     save_png(mosaic, path, upscale=scale)
-    return mosaic
+    return mosaic, bad
 
 
 def init_weights(model: Flow, source: str) -> None:

@@ -207,11 +207,12 @@ def run_eval_fid(args: argparse.Namespace) -> int:
                if args.data else fidjob.reference_from_file(args.ref_stats, **kw))
     ref = distributed.broadcast_object(ref, info)
     if model is not None:
-        stats, feats = fidjob.model_features(model, args.n, options, keep=args.precision_recall,
-                                             inception=args.inception, device=device,
-                                             progress=progress, dist=info)
+        stats, feats, bad = fidjob.model_features(model, args.n, options,
+                                                  keep=args.precision_recall,
+                                                  inception=args.inception, device=device,
+                                                  progress=progress, dist=info)
         what = {"model": args.model, "step": args.step, "denoise": options.denoises(model),
-                "sampling": dataclasses.asdict(options)}
+                "sampling": dataclasses.asdict(options), "nonfinite_samples": bad}
     else:
         stats, feats = fidjob.image_features(pixels, keep=args.precision_recall,
                                              inception=args.inception, device=device,
@@ -226,8 +227,10 @@ def run_eval_fid(args: argparse.Namespace) -> int:
                else f"the statistics in {r['file']}")
     pr = (f", precision {result['precision']:.4f}, recall {result['recall']:.4f} (k={args.k})"
           if "precision" in result else "")
+    bad = (f"; {result['nonfinite_samples']} non-finite sample(s), scored as mid grey"
+           if result.get("nonfinite_samples") else "")
     print(f"FID {result['fid']:.3f} ({stats.n} {'samples' if model else 'images'} vs "
-          f"{against}{pr})")
+          f"{against}{pr}{bad})")
     if "note" in result:
         print(f"note: {result['note']}")
     if args.json:

@@ -13,7 +13,7 @@ from .. import distributed
 from ..atomic import atomic_open
 from ..checkpoints import load
 from ..images import grid, levels_to_pixels, save_png
-from ..likelihood import unit_to_levels
+from ..likelihood import nonfinite_images, unit_to_levels
 from ..sampling import SampleOptions, draw
 from .common import add_device, add_model, add_progress, add_sampling, check_output_location
 from .errors import UsageError
@@ -77,7 +77,7 @@ def run_sample(args: argparse.Namespace) -> int:
                            progress=not args.no_progress and info.main):
         labels = res.labels if res.labels is not None else torch.full((len(res.images),), -1)
         mine.append((start, unit_to_levels(res.images, cfg.num_levels).cpu(), labels.cpu(),
-                     res.plan, res.iterations()))
+                     res.plan, res.iterations(), nonfinite_images(res.images)))
     parts = sorted(distributed.gather_objects(mine, info), key=lambda part: part[0])
     distributed.teardown()
     if not info.main:
@@ -108,6 +108,7 @@ def run_sample(args: argparse.Namespace) -> int:
         iterations = [max(part[4][b] for part in parts) for b in range(len(parts[0][4]))]
         how = f", plan {','.join(parts[0][3])}, iterations {iterations}"
     procs = f", {info.world} processes" if info.enabled else ""
+    bad = sum(part[5] for part in parts)
     print(f"wrote {args.n} images to {out} ({fmt}{how}, {time.perf_counter() - t0:.1f} s"
-          f"{procs})")
+          f"{procs}); {bad} non-finite" + (" (written mid grey)" if bad else ""))
     return 0

@@ -12,7 +12,7 @@ from .. import distributed as dist_
 from ..data import ImageData, load_data
 from ..flows import FAMILIES, FlowConfig, JetConfig, TarFlowConfig
 from ..hfdata import HFOptions
-from ..presets import PRESETS, get_config, get_preset
+from ..presets import PRESETS, default_preset, fit_to_data, get_config, get_preset
 from ..recipe import RESUMABLE, TrainConfig
 from ..rundir import RunDir
 from ..train import Trainer
@@ -53,6 +53,10 @@ MODEL_HELP = {
     "num_classes": "classes (0: unconditional; set by the data)",
     "num_levels": "grey levels K of the data (set by the data)",
     "noise_std": "Gaussian noise the model is trained with (--dequant gaussian) and denoised by",
+    "marginals": "learned per-pixel Gaussianizing map in front of the flow, started at the "
+                 "training images' histograms (--no-marginals: none)",
+    "whiten": "learned linear map of each patch in front of the flow, started at the data's "
+              "whitening (after the marginals)",
     "width": "Transformer width",
     "blocks": "TarFlow: flow blocks",
     "layers": "TarFlow: Transformer layers per block, one count or one per block (8,2,2,2)",
@@ -120,7 +124,7 @@ def resolve_configs(args: argparse.Namespace, data: ImageData
     preset = args.preset
     if preset is None:
         family = family or "tarflow"
-        preset = f"{family}-digits" if data.name == "digits" else f"{family}-small"
+        preset = default_preset(family, data.name)
     chosen = get_preset(preset)
     preset_family = chosen.model.family
     if family and family != preset_family:
@@ -147,7 +151,9 @@ def resolve_configs(args: argparse.Namespace, data: ImageData
     if overrides["image_size"] != data.image_size:
         raise ValueError(f"--image-size {overrides['image_size']} differs from the data's "
                          f"{data.image_size}; resize image folders with --image-size at load")
-    model_cfg = get_config(preset, **overrides)
+    # a named preset is taken as it is; the default one is fitted to the data's shape
+    model_cfg = (get_config(preset, **overrides) if args.preset
+                 else fit_to_data(preset, **overrides))
     given = given_options(args, TrainConfig, "train_")
     train_kw = chosen.train.to_dict() | given
     # an explicit step count replaces the preset's epochs (and warmup steps its warmup epochs)
@@ -155,7 +161,11 @@ def resolve_configs(args: argparse.Namespace, data: ImageData
         train_kw["epochs"] = 0.0
     if "warmup" in given and "warmup_epochs" not in given:
         train_kw["warmup_epochs"] = 0.0
-    return model_cfg, TrainConfig.from_dict(train_kw)
+    train_cfg = TrainConfig.from_dict(train_kw)
+    # Gaussian noise leaves the marginals' support [-1, 1]: they are off unless asked for
+    if train_cfg.dequant == "gaussian" and model_cfg.marginals and "marginals" not in overrides:
+        model_cfg = model_cfg.replace(marginals=False)
+    return model_cfg, train_cfg
 
 
 def data_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,6 +266,9 @@ def _summary_text(s: dict[str, Any], cfg: FlowConfig) -> str:
     mins = s["seconds"] / 60
     skipped = (f" {s['skipped_steps']} step(s) were skipped for non-finite values."
                if s["skipped_steps"] else "")
+    if s.get("nonfinite_samples"):
+        skipped += (f" {s['nonfinite_samples']} sample(s) of samples/final.png are not finite "
+                    "(drawn mid grey).")
     return (f"Trained a {s['parameters'] / 1e6:.2f}M-parameter {cfg.family} for {s['steps']} "
             f"steps in {mins:.1f} min: test bits/dim {s['test_bpd']:.4f} ± {s['test_se']:.4f} "
             f"(EMA weights, {s['test_images']} test images, {cfg.num_levels} levels, uniform "

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,10 +21,13 @@ from torch import Tensor, nn
 
 from ..version import __version__
 from . import pretrained, sampler
+from .datamaps import Marginals, PatchWhitening, level_counts
 from .distribution import FlowDistribution
 from .guidance import Guidance
 
 CHECKPOINTING = ("none", "block", "layer")
+#: values (images x dimensions) that initialise the patch whitening's covariance
+WHITEN_VALUES = 1 << 23
 
 
 def check_positive_ints(obj: Any, names: Sequence[str]) -> None:
@@ -53,7 +56,11 @@ class FlowConfig:
 
     ``num_levels`` (K grey levels of the training data) and ``noise_std`` (the Gaussian noise the
     model was trained with; 0 for uniform dequantization) describe the data the model was fitted
-    to: they set how samples map back to integer images and the denoiser's sigma.
+    to: they set how samples map back to integer images and the denoiser's sigma. ``marginals``
+    puts a learned per-dimension Gaussianizing map (:class:`~transflow.flows.datamaps.Marginals`,
+    ``K`` bins per dimension) in front of the flow, ``whiten`` a learned linear map of every
+    patch after it (:class:`~transflow.flows.datamaps.PatchWhitening`); both are started from
+    the training images by :meth:`Flow.init_from_data`.
     """
 
     family: ClassVar[str] = ""
@@ -71,6 +78,8 @@ class FlowConfig:
     num_classes: int = 0
     num_levels: int = 256
     noise_std: float = 0.0
+    marginals: bool = False
+    whiten: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict, with the model family under ``"model"``."""
@@ -117,6 +126,11 @@ class FlowConfig:
         """Matrix-product FLOPs of one forward pass for one image (implemented per family)."""
         raise NotImplementedError
 
+    def datamap_flops(self) -> int:
+        """Matrix-product FLOPs of the maps in front of the flow for one image: the patch
+        whitening's ``2 T D^2`` (the marginal map is element-wise, left out like norms)."""
+        return 2 * self.tokens * self.token_dim ** 2 if self.whiten else 0
+
     def _check_common(self) -> None:
         check_positive_ints(self, ("image_size", "channels", "patch_size"))
         if self.image_size % self.patch_size:
@@ -128,6 +142,9 @@ class FlowConfig:
             raise ValueError(f"num_levels must be an integer >= 2, got {self.num_levels!r}")
         if not self.noise_std >= 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}")
+        for name in ("marginals", "whiten"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 class Flow(nn.Module):
@@ -188,6 +205,69 @@ class Flow(nn.Module):
                              "it saves; use checkpointing='block' or 'layer' instead")
         self.checkpointing = checkpointing
         self.reversible = reversible
+
+    # -- the maps in front of the flow stack (config.marginals, config.whiten) ------------------
+    def _build_datamaps(self) -> None:
+        c = self.config
+        self.marginals = (Marginals(c.channels, c.image_size, c.num_levels) if c.marginals
+                          else None)
+        self.whitening = (PatchWhitening(c.channels, c.image_size, c.patch_size) if c.whiten
+                          else None)
+
+    def data_to_flow(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Data ``x [B, C, H, W]`` -> the flow stack's input and its ``logdet [B]`` (``x`` and
+        None without ``config.marginals``)."""
+        logdet = None
+        if self.marginals is not None:
+            x, logdet = self.marginals(x)
+        if self.whitening is not None:
+            x, ld = self.whitening(x)
+            logdet = ld if logdet is None else logdet + ld
+        return x, logdet
+
+    def flow_to_data(self, u: Tensor) -> Tensor:
+        """The flow stack's input ``u [B, C, H, W]`` -> data (inverse of :meth:`data_to_flow`)."""
+        if self.whitening is not None:
+            u = self.whitening.inverse(u)
+        return u if self.marginals is None else self.marginals.inverse(u)
+
+    @torch.no_grad()
+    def init_from_data(self, levels: Tensor | Iterable[Tensor]) -> None:
+        """Data-dependent initialisation from integer training images ``levels [N, C, H, W]``
+        (or an iterable of such chunks, read once): the marginal masses become their add-one
+        smoothed per-pixel histograms, and the patch whitening the inverse Cholesky factor of
+        the (dequantized, marginal-mapped) patches' covariance, estimated on the first images
+        (up to ``WHITEN_VALUES`` values). Nothing to do without ``config.marginals`` and
+        ``config.whiten``. Memory stays that of a chunk."""
+        if self.marginals is None and self.whitening is None:
+            return
+        counts, kept, kept_values = None, [], 0
+        for chunk in [levels] if isinstance(levels, Tensor) else levels:
+            chunk = torch.as_tensor(chunk)
+            if self.marginals is not None:
+                c = level_counts(chunk, self.config.num_levels)
+                counts = c if counts is None else counts + c
+            if self.whitening is not None and kept_values < WHITEN_VALUES and len(chunk):
+                take = chunk[:-(-(WHITEN_VALUES - kept_values) // chunk[0].numel())]
+                kept.append(take)
+                kept_values += take.numel()
+        if counts is None and not kept:
+            raise ValueError("init_from_data needs at least one image")
+        if self.marginals is not None:
+            self.marginals.init_from_counts(counts.to(self.marginals.logits.device))
+        if self.whitening is not None:
+            self.whitening.init_from_samples(self._flow_inputs(torch.cat(kept)))
+
+    def _flow_inputs(self, levels: Tensor, batch: int = 64) -> Iterator[Tensor]:
+        """Uniformly dequantized ``levels`` through the marginal map, ``batch`` images at a
+        time, in float64 (fixed noise seed)."""
+        g = torch.Generator().manual_seed(0)
+        dev = self.whitening.weight.device if self.whitening is not None else "cpu"
+        for i in range(0, len(levels), batch):
+            k = levels[i:i + batch]
+            u = torch.rand(k.shape, generator=g, dtype=torch.float64)
+            x = ((k.double() + u) * (2.0 / self.config.num_levels) - 1.0).to(dev)
+            yield x if self.marginals is None else self.marginals(x)[0]
 
     def _checkpoint_mode(self) -> str:
         """The checkpointing that applies to this forward: ``"none"`` unless grad is enabled."""

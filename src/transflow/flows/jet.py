@@ -83,7 +83,7 @@ class JetConfig(FlowConfig):
         if self.token_dim % 2:
             raise ValueError(f"channel couplings split each token's {self.token_dim} values in "
                              "halves; channels * patch_size^2 must be even")
-        if self.tokens % 2:
+        if "spatial" in self.kinds and self.tokens % 2:
             raise ValueError(f"spatial couplings split the {self.tokens} tokens in halves; the "
                              "number of tokens must be even (choose another patch_size)")
         if self.gelu not in ("exact", "tanh"):
@@ -97,7 +97,7 @@ class JetConfig(FlowConfig):
         t, half, w = self.tokens, self.token_dim // 2, self.width
         per = 2 * t * half * w + 2 * t * w * 2 * half
         per += self.block_depth * layer_flops(t, w, self.mlp_ratio, t * t)
-        return self.couplings * per
+        return self.couplings * per + self.datamap_flops()
 
     def coupling_plan(self) -> list[tuple[str, str | None]]:
         """``(kind, spatial mask or None)`` for each coupling, in forward order."""
@@ -378,6 +378,7 @@ class Jet(Flow):
     def __init__(self, config: JetConfig):
         super().__init__()
         self.config = config
+        self._build_datamaps()
         g = torch.Generator(device="cpu").manual_seed(config.perm_seed)
         grid = config.image_size // config.patch_size
         couplings = []
@@ -403,11 +404,12 @@ class Jet(Flow):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y = self.check_input(x, y)
+        x, ld0 = self.data_to_flow(x)
         t = self.tokens(x)
         if self.reversible and torch.is_grad_enabled():
             t, logdet = ReversibleCouplings.run(self.couplings, t, y)
-            return self.image(t), logdet
-        logdet = upcast(x.new_zeros(x.shape[0]))
+            return self.image(t), logdet if ld0 is None else ld0 + logdet
+        logdet = upcast(x.new_zeros(x.shape[0])) if ld0 is None else ld0
         mode = self._checkpoint_mode()
         for coupling in self.couplings:
             if mode == "block":
@@ -426,7 +428,7 @@ class Jet(Flow):
         t = self.tokens(z)
         for coupling in reversed(self.couplings):
             t = coupling.inverse(t, y, guidance, attn_temp)
-        return self.image(t)
+        return self.flow_to_data(self.image(t))
 
     def check_guidance(self, guidance: Guidance | None) -> None:
         if guidance is not None and guidance.anneal:

@@ -92,7 +92,7 @@ class TarFlowConfig(FlowConfig):
         ``T - 1`` tokens per block, ``T (T - 1) / 2``-ish causal query-key pairs."""
         t, d, w = self.tokens - 1, self.token_dim, self.width  # T - 1 tokens are used
         out = 2 * d if self.nvp else d
-        total = 0
+        total = self.datamap_flops()
         for layers in self.layers_per_block():
             total += 2 * t * d * w + 2 * t * w * out
             total += layers * layer_flops(t, w, self.mlp_ratio, t * (t + 1) // 2)
@@ -216,6 +216,7 @@ class TarFlow(Flow):
     def __init__(self, config: TarFlowConfig):
         super().__init__()
         self.config = config
+        self._build_datamaps()
         self.blocks = nn.ModuleList(
             TarFlowBlock(config, n, reverse=i % 2 == 1)
             for i, n in enumerate(config.layers_per_block()))
@@ -258,8 +259,9 @@ class TarFlow(Flow):
     # -- the two directions ----------------------------------------------------------------
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y = self.check_input(x, y)
+        x, logdet = self.data_to_flow(x)
         t = self.tokens(x)
-        logdet = upcast(x.new_zeros(x.shape[0]))
+        logdet = upcast(x.new_zeros(x.shape[0])) if logdet is None else logdet
         mode = self._checkpoint_mode()
         for block in self.blocks:
             if mode == "block":
@@ -297,5 +299,6 @@ class TarFlow(Flow):
                max_iters: int | None = None) -> tuple[Tensor, list[solvers.SolveStats]]:
         """Latent ``z [B, C, H, W]`` -> ``(x, per-block stats)`` with a per-block ``plan``
         (:func:`transflow.flows.solvers.invert_tarflow`)."""
-        return solvers.invert_tarflow(self, z, y, plan=plan, guidance=guidance,
-                                      attn_temp=attn_temp, tol=tol, max_iters=max_iters)
+        u, stats = solvers.invert_tarflow(self, z, y, plan=plan, guidance=guidance,
+                                          attn_temp=attn_temp, tol=tol, max_iters=max_iters)
+        return self.flow_to_data(u), stats

@@ -94,6 +94,9 @@ def _check_representable(cfg: TarFlowConfig) -> None:
         problems.append(f"norm_eps={cfg.norm_eps}")
     if cfg.gelu != "exact":
         problems.append(f"gelu={cfg.gelu!r}")
+    for name in ("marginals", "whiten"):  # the data maps in front of the flow
+        if getattr(cfg, name):
+            problems.append(f"{name}=True")
     if problems:
         raise ValueError("the original TarFlow code cannot represent this model "
                          f"({', '.join(problems)})")
@@ -240,9 +243,10 @@ def tarflow_to_original(model: TarFlow) -> dict[str, Tensor]:
     Our learned null class is dropped (the original uses the mean of the class embeddings for
     unconditional samples; a ``UserWarning`` says so when they differ); ``attn_mask`` is the
     causal mask; ``var`` is the VP prior variance, or ones for NVP models. Model config options
-    the original lacks (softplus scale, soft clipping, final norm, per-block layer counts)
-    raise ``ValueError``; a head dim other than 64 warns (the original hard-codes 64). Like
-    ``state_dict()``, the tensors share memory with the model (CPU models)."""
+    the original lacks (softplus scale, soft clipping, final norm, per-block layer counts,
+    the data maps ``marginals`` and ``whiten``) raise ``ValueError``; a head dim other than 64
+    warns (the original hard-codes 64). Like ``state_dict()``, the tensors share memory with
+    the model (CPU models)."""
     if not isinstance(model, TarFlow):
         raise ValueError(f"expected a TarFlow model, got {type(model).__name__}")
     cfg = model.config
