@@ -238,3 +238,26 @@ def test_gaussian_noise_and_marginals_are_refused_or_switched_off(tmp_path, caps
                  "--steps", "2", "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "no density" in err[-1] and len(err[-1].split("\n")) == 1
+
+
+@pytest.mark.parametrize("family", ["tarflow", "jet"])
+def test_guidance_acts_through_the_maps_and_denoising_is_refused(family):
+    kw = dict(marginals=True, whiten=True, num_levels=17, num_classes=3)
+    model = perturb(build(tarflow_config(**kw) if family == "tarflow" else jet_config(**kw)),
+                    std=0.05, scale_shift=0.1)
+    plain = model.sample(4, y=[0, 1, 2, -1], seed=0)
+    guided = model.sample(4, y=[0, 1, 2, -1], seed=0, guidance=2.0)
+    assert (guided - plain).abs().max() > 1e-3  # guidance acts through the maps
+    # the marginals' density is piecewise constant per pixel: no score to follow
+    with pytest.raises(ValueError, match="piecewise constant"):
+        model.sample(4, y=[0, 1, 2, -1], seed=0, denoise=True, sigma=0.05)
+
+
+def test_a_noise_trained_default_model_whitens_and_denoises():
+    """With --dequant gaussian the default keeps the (linear) whitening and drops the
+    marginals: denoising follows the score as before, through the whitening."""
+    model = perturb(build(tarflow_config(whiten=True, noise_std=0.05)), std=0.05,
+                    scale_shift=0.1)
+    plain = model.sample(4, seed=0)
+    den = model.sample(4, seed=0, denoise=True)
+    assert torch.isfinite(den).all() and 1e-4 < (den - plain).abs().max() < 0.5

@@ -102,8 +102,8 @@ class _Writer:
             self.error = e
             raise
 
-    def flush(self) -> None:
-        self.f.flush()
+    def __getattr__(self, name: str) -> Any:  # tell, seek, fileno, ...: the file's own
+        return getattr(self.f, name)
 
 
 class RunDir:

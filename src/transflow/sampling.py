@@ -67,6 +67,9 @@ class SampleOptions:
     sigma: float | None = _opt(None, "noise level for --denoise (default: config.noise_std)")
     seed: int = _opt(0, "base seed: image i is drawn from seed SEED + i, whatever the batch")
     batch_size: int = _opt(64, "images per batch")
+    compile: bool = _opt(False, "TarFlow: run each sequential block's per-token step with "
+                         "static shapes, captured as a CUDA graph on CUDA, torch.compile-d "
+                         "elsewhere (same samples to float rounding)")
 
     def labels(self, model: Flow, n: int) -> Tensor | int | None:
         """The label of each of ``n`` images: ``label`` for all, else classes in turn for a
@@ -113,7 +116,8 @@ def draw(model: Flow, n: int, options: SampleOptions, *, dist: DistInfo = SINGLE
                          guide=o.guide, anneal=o.anneal, attn_temp=o.attn_temp,
                          formula=o.formula, method=plan or "sequential", tol=o.tol,
                          max_iters=o.max_iters, denoise=o.denoises(model), sigma=o.sigma,
-                         seed=o.seed + start, batch_size=count, return_result=True)
+                         seed=o.seed + start, batch_size=count, compile=o.compile,
+                         return_result=True)
             assert isinstance(res, SampleResult)
             if bar is None:
                 bar = tqdm(total=mine, unit="img", disable=not progress, desc="sampling")

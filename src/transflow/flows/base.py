@@ -318,9 +318,12 @@ class Flow(nn.Module):
 
     def invert(self, z: Tensor, y: Tensor | None = None, *, plan: Any = None,
                guidance: Guidance | None = None, attn_temp: float = 1.0, tol: float = 1e-4,
-               max_iters: int | None = None) -> tuple[Tensor, list[Any]]:
+               max_iters: int | None = None, static: str | None = None
+               ) -> tuple[Tensor, list[Any]]:
         """:meth:`inverse` with a solver plan from :meth:`plan`, returning ``(x, per-block
-        solver statistics)``; the default has no plans and no statistics."""
+        solver statistics)``; the default has no plans and no statistics, and ``static`` (the
+        compiled / CUDA-graph per-token step of TarFlow) does not apply: one parallel pass per
+        block has no per-token loop."""
         return self.inverse(z, y, guidance=guidance, attn_temp=attn_temp), []
 
     def check_guidance(self, guidance: Guidance | None) -> None:

@@ -7,6 +7,9 @@ projection whose output is split as ``[q | k | v]``, each then into heads in ord
 For autoregressive inversion a :class:`KVCache` holds preallocated keys and values
 ``[B, H, T, head_dim]`` per layer; a call with ``cache=`` writes its keys/values at positions
 ``start .. start+L-1`` and attends to everything up to them, so a step never concatenates.
+With ``start`` a 0-d integer tensor (one token per call) every shape is static: the keys and
+values are written with ``index_copy_`` and the query attends to the whole (zero-initialised)
+cache through a mask, so the step can be compiled once or captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ class KVCache:
     """Preallocated key/value storage for one layer: ``k, v`` of shape ``[B, H, T, head_dim]``."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
-        self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
+                 device: torch.device, dtype: torch.dtype, zero: bool = False):
+        make = torch.zeros if zero else torch.empty  # zeros: masked slots must not hold NaN
+        self.k = make(batch, heads, length, head_dim, device=device, dtype=dtype)
+        self.v = make(batch, heads, length, head_dim, device=device, dtype=dtype)
 
 
 class Attention(nn.Module):
@@ -36,11 +40,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor, causal: bool, attn_temp: float | Tensor = 1.0,
-                cache: KVCache | None = None, start: int = 0) -> Tensor:
+                cache: KVCache | None = None, start: int | Tensor = 0) -> Tensor:
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = None
-        if cache is not None:
+        if cache is not None and isinstance(start, Tensor):  # static shapes, one token
+            at = start.view(1)
+            cache.k.index_copy_(2, at, k)
+            cache.v.index_copy_(2, at, v)
+            k, v = cache.k, cache.v
+            mask = (torch.arange(k.shape[2], device=x.device) <= start).view(1, 1, 1, -1)
+            causal = False
+        elif cache is not None:
             cache.k[:, :, start:start + n] = k
             cache.v[:, :, start:start + n] = v
             k, v = cache.k[:, :, :start + n], cache.v[:, :, :start + n]
@@ -84,7 +95,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(width, width * mlp_ratio, gelu)
 
     def forward(self, h: Tensor, causal: bool, attn_temp: float | Tensor = 1.0,
-                cache: KVCache | None = None, start: int = 0) -> Tensor:
+                cache: KVCache | None = None, start: int | Tensor = 0) -> Tensor:
         h = h + self.attn(self.attn_norm(h), causal, attn_temp, cache, start)
         return h + self.mlp(self.mlp_norm(h))
 

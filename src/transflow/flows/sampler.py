@@ -20,6 +20,7 @@ from .guidance import Guidance
 from .solvers import (
     DEFAULT_SEGMENTS,
     DEFAULT_TOL,
+    STATIC_MODES,
     AutoPlan,
     SolveStats,
     check_tol,
@@ -37,8 +38,17 @@ def denoise(model: nn.Module, x: Tensor, y: Tensor | int | None = None, sigma: f
     return _score_step(model, x, y, sigma, chunk_size)
 
 
+def _check_denoisable(model: nn.Module) -> None:
+    if getattr(model.config, "marginals", False):
+        raise ValueError("denoising follows the score of a smooth density, but the learned "
+                         "marginals (config.marginals) make this model's density piecewise "
+                         "constant in every pixel (it was trained on uniformly dequantized "
+                         "data); sample without denoising")
+
+
 def _score_step(model: nn.Module, x: Tensor, y: Tensor | int | None, sigma: float | None,
                 chunk_size: int) -> Tensor:
+    _check_denoisable(model)
     if sigma is None:
         sigma = model.config.noise_std
         if not sigma > 0:
@@ -99,6 +109,18 @@ def _noise(model: nn.Module, start: int, count: int, seed: int | None,
     return z.to(device=p.device, dtype=p.dtype)
 
 
+def static_mode(compile: bool | str, device: torch.device) -> str | None:
+    """``sample(compile=...)`` -> the static mode of the sequential step (None: the plain
+    loop): ``True`` picks a CUDA graph on CUDA and ``torch.compile`` elsewhere."""
+    if compile is True:
+        return "graph" if device.type == "cuda" else "compile"
+    if compile is False or compile is None:
+        return None
+    if compile not in STATIC_MODES:
+        raise ValueError(f"compile must be a bool or one of {STATIC_MODES}, got {compile!r}")
+    return compile
+
+
 def sample(model: nn.Module, n: int, *, y: Tensor | int | Sequence[int] | None = None,
            temperature: float = 1.0, guidance: float | Guidance = 0.0, guide: str = "both",
            anneal: bool = False, attn_temp: float = 1.0, formula: str = "cfg",
@@ -106,7 +128,8 @@ def sample(model: nn.Module, n: int, *, y: Tensor | int | Sequence[int] | None =
            tol: float = DEFAULT_TOL, max_iters: int | None = None, denoise: bool = False,
            sigma: float | None = None, seed: int | None = None,
            generator: torch.Generator | None = None, batch_size: int | None = None,
-           progress: bool = False, return_result: bool = False) -> Tensor | SampleResult:
+           compile: bool | str = False, progress: bool = False,
+           return_result: bool = False) -> Tensor | SampleResult:
     """Draw ``n`` images ``[n, C, H, W]`` (model range) from a flow: the one sampler (behind
     ``Flow.sample``, the training grids, ``transflow sample`` and ``eval fid``).
 
@@ -118,8 +141,11 @@ def sample(model: nn.Module, n: int, *, y: Tensor | int | Sequence[int] | None =
     (see :func:`resolve_plan`), iterating to ``tol`` / ``max_iters``. ``denoise``: one score step
     with ``sigma`` (default ``config.noise_std``). ``seed``: image ``i`` uses its own generator
     seeded ``seed + i``, so an image does not depend on ``batch_size``; else ``generator`` (or the
-    global RNG) draws each batch. Returns the images, or a :class:`SampleResult` when
-    ``return_result``."""
+    global RNG) draws each batch. ``compile`` (TarFlow's sequential blocks): run the per-token
+    step with static shapes, captured as a CUDA graph on CUDA and ``torch.compile``-d elsewhere
+    (``True``), or the mode named (``"graph"``, ``"compile"``, ``"eager"``; see
+    :func:`~transflow.flows.solvers.static_sequential`). Returns the images, or a
+    :class:`SampleResult` when ``return_result``."""
     t0 = time.perf_counter()
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -144,6 +170,9 @@ def sample(model: nn.Module, n: int, *, y: Tensor | int | Sequence[int] | None =
     if seed is not None and (not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     check_tol(tol, max_iters)
+    if denoise:
+        _check_denoisable(model)
+    static = static_mode(compile, next(model.parameters()).device)
     mapped = model.check_labels(label_tensor(y, n), n)  # validates; null -> num_classes
     labels = None  # as the models take them: -1 for the null class
     if mapped is not None:
@@ -165,7 +194,8 @@ def sample(model: nn.Module, n: int, *, y: Tensor | int | Sequence[int] | None =
                 z = z * var.sqrt().to(z.dtype)
             yb = None if labels is None else labels[start:start + count]
             with torch.inference_mode():
-                x, st = model.invert(z, yb, plan=plan, guidance=g, tol=tol, max_iters=max_iters)
+                x, st = model.invert(z, yb, plan=plan, guidance=g, tol=tol, max_iters=max_iters,
+                                     static=static)
             if st:
                 stats.append(st)
             if denoise:

@@ -48,9 +48,10 @@ class Block(Protocol):
 
     def order(self, t: Tensor) -> Tensor: ...
     def ordered_pos_embed(self) -> Tensor: ...
-    def make_caches(self, rows: int, length: int, like: Tensor) -> list[KVCache]: ...
+    def make_caches(self, rows: int, length: int, like: Tensor,
+                    zero: bool = False) -> list[KVCache]: ...
     def transformer(self, x: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
-                    caches: list[KVCache] | None = None, start: int = 0, *,
+                    caches: list[KVCache] | None = None, start: int | Tensor = 0, *,
                     pos: Tensor | None = None, cls: Tensor | None = None) -> Tensor: ...
     def affine(self, out: Tensor) -> tuple[Tensor | None, Tensor]: ...
 
@@ -61,8 +62,8 @@ class Block(Protocol):
 @torch.no_grad()
 def solve_block(block: Block, z: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
                 guidance: Guidance | None = None, plan: str = "sequential",
-                tol: float = DEFAULT_TOL, max_iters: int | None = None
-                ) -> tuple[Tensor, SolveStats]:
+                tol: float = DEFAULT_TOL, max_iters: int | None = None,
+                static: str | None = None) -> tuple[Tensor, SolveStats]:
     """Invert one block: latent-side tokens ``z [B, T, D]`` (image token order) -> data-side
     tokens ``[B, T, D]``, with the solver ``plan`` (``sequential``, ``jacobi`` or
     ``gs:<segments>``) and statistics.
@@ -70,12 +71,19 @@ def solve_block(block: Block, z: Tensor, y: Tensor | None, attn_temp: float | Te
     ``y [B]``: labels with the null class already mapped (or None); ``attn_temp``: attention
     temperature of the (conditional) branch; ``guidance``: classifier-free guidance or None.
     Iterative plans stop a row once ``max |x^k - x^{k-1}| < tol`` on it, or after
-    ``max_iters`` iterations per segment (default: the segment length, which is exact)."""
+    ``max_iters`` iterations per segment (default: the segment length, which is exact).
+    ``static`` (sequential plans): run the per-token step with static shapes, ``"eager"``,
+    ``"compile"`` (``torch.compile``, once per block and shape) or ``"graph"`` (captured once as
+    a CUDA graph and replayed per token; CUDA only); see :func:`static_sequential`."""
     t = z.shape[1]
     segments = plan_segments(plan, t)
     ctx = InverseContext.build(block, y, attn_temp, guidance, z.shape[0], t)
     z = block.order(z)
-    if segments == t - 1:  # one token per segment: exact in one pass each, nothing to check
+    if segments == t - 1 and static is not None:
+        x = static_sequential(block, z, ctx, static)
+        stats = SolveStats(plan, passes=t - 1, work=1.0, converged=True,
+                           segment_iters=[1] * (t - 1))
+    elif segments == t - 1:  # one token per segment: exact in one pass each, nothing to check
         x = z.clone()
         caches = block.make_caches(ctx.rows, t - 1, z)
         for i in range(t - 1):
@@ -101,7 +109,9 @@ def predict(block: Block, x: Tensor, ctx: InverseContext, caches: list[KVCache] 
                                            cls=cls))
     if g is None:
         return a, mu
-    n, w = x.shape[0], ctx.weights[start:start + x.shape[1]].view(1, -1, 1)
+    w = (ctx.weights.index_select(0, start.view(1)) if isinstance(start, Tensor)
+         else ctx.weights[start:start + x.shape[1]]).view(1, -1, 1)
+    n = x.shape[0]
     a_c, a_u = (None, None) if a is None else (a[:n], a[n:])
     return g.combine(a_c, mu[:n], a_u, mu[n:], w)
 
@@ -115,6 +125,61 @@ def step(block: Block, x: Tensor, z: Tensor, i: int, ctx: InverseContext,
     if a is not None:
         nxt = nxt * torch.exp(a)
     x[:, i + 1:i + 2] = nxt + mu
+
+
+STATIC_MODES = ("eager", "compile", "graph")
+
+
+def static_step(block: Block, x: Tensor, z: Tensor, i: Tensor, ctx: InverseContext,
+                caches: list[KVCache]) -> None:
+    """:func:`step` with static shapes: the position ``i`` is a 0-d integer tensor, the caches
+    are zero-filled and read whole through a mask (:mod:`transflow.flows.layers`), and ``x`` is
+    written with ``index_copy_``: no shape or Python number changes from token to token."""
+    at = i.view(1)
+    a, mu = predict(block, x.index_select(1, at), ctx, caches, i)
+    nxt = z.index_select(1, at + 1)
+    if a is not None:
+        nxt = nxt * torch.exp(a)
+    x.index_copy_(1, at + 1, (nxt + mu).to(x.dtype))
+
+
+def static_sequential(block: Block, z: Tensor, ctx: InverseContext, mode: str) -> Tensor:
+    """The sequential inversion of one block (block order, ``z [B, T, D]`` -> ``x``) through
+    :func:`static_step`: ``mode`` ``"eager"`` calls it as it is, ``"compile"`` through
+    ``torch.compile`` (``mode="reduce-overhead"`` on CUDA), ``"graph"`` captures it once as a
+    CUDA graph and replays it ``T - 1`` times, changing only the position tensor. Equal to the
+    eager sequential solver up to float rounding (``tests/test_static_sampling.py``)."""
+    if mode not in STATIC_MODES:
+        raise ValueError(f"unknown static mode {mode!r}; expected one of {STATIC_MODES}")
+    if mode == "graph" and z.device.type != "cuda":
+        raise ValueError("CUDA-graph capture needs a CUDA device; use 'compile' or 'eager'")
+    t = z.shape[1]
+    x = z.clone()
+    caches = block.make_caches(ctx.rows, t - 1, z, zero=True)
+    pos = torch.zeros((), dtype=torch.long, device=z.device)
+
+    def run() -> None:
+        static_step(block, x, z, pos, ctx, caches)
+
+    if mode == "eager":
+        fn = run
+    elif mode == "compile":
+        fn = torch.compile(run, dynamic=False, fullgraph=False,
+                           mode="reduce-overhead" if z.device.type == "cuda" else None)
+    else:
+        stream = torch.cuda.Stream(device=z.device)
+        stream.wait_stream(torch.cuda.current_stream(z.device))
+        with torch.cuda.stream(stream):
+            run()  # warm-up at position 0 (the replay of step 0 recomputes the same values)
+        torch.cuda.current_stream(z.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        fn = graph.replay
+    for i in range(t - 1):
+        pos.fill_(i)
+        fn()
+    return x
 
 
 def _solve_jacobi(block: Block, z: Tensor, ctx: InverseContext, segments: int, tol: float,
@@ -320,14 +385,16 @@ def invert_tarflow(model: Any, z: Tensor, y: Tensor | None = None, *,
                    plan: str | Sequence[str] = "sequential",
                    guidance: Guidance | float | None = None, attn_temp: float = 1.0,
                    tol: float = DEFAULT_TOL, max_iters: int | None = None,
-                   segments: int = DEFAULT_SEGMENTS) -> tuple[Tensor, list[SolveStats]]:
+                   segments: int = DEFAULT_SEGMENTS, static: str | None = None
+                   ) -> tuple[Tensor, list[SolveStats]]:
     """Invert a TarFlow: latent ``z [B, C, H, W]`` -> data ``x [B, C, H, W]`` with a per-block
     ``plan`` (see :func:`resolve_plan`; ``"auto"`` measures one with :func:`auto_plan`).
 
     ``y``: labels ``[B]`` or one int (``-1``/None: null class); ``guidance``: weight or
     :class:`Guidance`; ``attn_temp``: attention temperature of the (conditional) branch.
     Returns ``x`` and per-block :class:`SolveStats` in model order (runs without autograd).
-    ``plan="sequential"`` without guidance equals ``model.inverse(z, y)``."""
+    ``plan="sequential"`` without guidance equals ``model.inverse(z, y)``. ``static``: the
+    sequential blocks' mode (see :func:`solve_block`; None: the plain eager loop)."""
     if not getattr(model, "autoregressive", False):
         raise ValueError(f"invert_tarflow needs an autoregressive flow (TarFlow), got "
                          f"{type(model).__name__}")
@@ -348,7 +415,7 @@ def invert_tarflow(model: Any, z: Tensor, y: Tensor | None = None, *,
     with torch.no_grad():
         for i in reversed(range(len(blocks))):
             t0 = time.perf_counter()
-            t, st = solve_block(blocks[i], t, y, attn_temp, g, plans[i], tol, max_iters)
+            t, st = solve_block(blocks[i], t, y, attn_temp, g, plans[i], tol, max_iters, static)
             sync(t.device)
             st.seconds = time.perf_counter() - t0
             stats[i] = st

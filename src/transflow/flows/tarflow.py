@@ -136,7 +136,7 @@ class TarFlowBlock(nn.Module):
         return self.pos_embed.flip(0) if self.reverse else self.pos_embed
 
     def transformer(self, x: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
-                    caches: list[KVCache] | None = None, start: int = 0, *,
+                    caches: list[KVCache] | None = None, start: int | Tensor = 0, *,
                     pos: Tensor | None = None, cls: Tensor | None = None,
                     checkpoint_layers: bool = False) -> Tensor:
         """Causal Transformer on tokens ``x [B, L, D]`` (block order, absolute positions
@@ -145,12 +145,15 @@ class TarFlowBlock(nn.Module):
         The samplers pass ``pos`` (:meth:`ordered_pos_embed`) and ``cls`` (class embeddings
         ``[B, 1, W]``, used instead of ``y``) precomputed once per block.
         ``checkpoint_layers``: activation-checkpoint every layer (kept: its input; recomputed in
-        backward); ignored with ``caches`` (the key/value-cache sampling path)."""
+        backward); ignored with ``caches`` (the key/value-cache sampling path). ``start`` a 0-d
+        integer tensor: one token at that position with static shapes (see
+        :mod:`transflow.flows.layers`)."""
         if pos is None:
             pos = self.ordered_pos_embed()
         if cls is None and self.class_embed is not None:
             cls = self.class_embed[y].unsqueeze(1)
-        h = self.proj_in(x) + pos[start:start + x.shape[1]]
+        h = self.proj_in(x) + (pos.index_select(0, start.view(1)) if isinstance(start, Tensor)
+                               else pos[start:start + x.shape[1]])
         if cls is not None:
             h = h + cls
         if checkpoint_layers and caches is None:
@@ -193,11 +196,12 @@ class TarFlowBlock(nn.Module):
         z = torch.cat([x[:, :1], rest.to(x.dtype)], dim=1)
         return self.order(z), logdet
 
-    def make_caches(self, rows: int, length: int, like: Tensor) -> list[KVCache]:
-        """Empty key/value caches (one per layer) for ``rows`` sequences of ``length`` tokens, on
-        ``like``'s device, in the weights' dtype."""
+    def make_caches(self, rows: int, length: int, like: Tensor, zero: bool = False
+                    ) -> list[KVCache]:
+        """Empty (``zero``: zero-filled) key/value caches (one per layer) for ``rows`` sequences
+        of ``length`` tokens, on ``like``'s device, in the weights' dtype."""
         dtype = self.proj_in.weight.dtype
-        return [KVCache(rows, self.heads, length, self.head_dim, like.device, dtype)
+        return [KVCache(rows, self.heads, length, self.head_dim, like.device, dtype, zero)
                 for _ in self.layers]
 
 
@@ -296,9 +300,12 @@ class TarFlow(Flow):
     def invert(self, z: Tensor, y: Tensor | None = None, *,
                plan: str | Sequence[str] = "sequential", guidance: Guidance | None = None,
                attn_temp: float = 1.0, tol: float = solvers.DEFAULT_TOL,
-               max_iters: int | None = None) -> tuple[Tensor, list[solvers.SolveStats]]:
+               max_iters: int | None = None, static: str | None = None
+               ) -> tuple[Tensor, list[solvers.SolveStats]]:
         """Latent ``z [B, C, H, W]`` -> ``(x, per-block stats)`` with a per-block ``plan``
-        (:func:`transflow.flows.solvers.invert_tarflow`)."""
+        (:func:`transflow.flows.solvers.invert_tarflow`; ``static``: how its sequential blocks
+        run, see :func:`transflow.flows.solvers.static_sequential`)."""
         u, stats = solvers.invert_tarflow(self, z, y, plan=plan, guidance=guidance,
-                                          attn_temp=attn_temp, tol=tol, max_iters=max_iters)
+                                          attn_temp=attn_temp, tol=tol, max_iters=max_iters,
+                                          static=static)
         return self.flow_to_data(u), stats
