@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transflow import TarFlow, build
-from transflow.flows import Guidance, solvers
+from transflow.flows import Guidance
 
 from conftest import TARFLOW_VARIANTS, jet_config, perturb, tarflow_config
 
