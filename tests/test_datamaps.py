@@ -15,7 +15,7 @@ from transflow import Jet, TarFlow, build
 from transflow.batches import init_images
 from transflow.data import ImageData, load_data
 from transflow.evaluate import evaluate_bpd
-from transflow.flows.datamaps import Marginals, PatchWhitening, level_counts
+from transflow.flows.datamaps import EPS, Marginals, PatchWhitening, level_counts
 from transflow.likelihood import nonfinite_images
 from transflow.recipe import TrainConfig, make_optimizer
 
@@ -87,6 +87,25 @@ def test_float32_inverse_to_1e6():
     assert (m.inverse(u) - x).abs().max() < 1e-6
 
 
+def test_the_ends_of_the_range_stay_finite_with_the_exact_log_determinant():
+    """x = -1 and x = 1 (float32 uniform dequantization produces them) map to finite values,
+    and the density there is the bin's, as everywhere in the bin."""
+    m = far_marginals()
+    x = torch.full((1, 1, 3, 3), -1.0, dtype=torch.float64)
+    x[0, 0, 0, 1], x[0, 0, 2, 2] = 1.0, -1.0 + 1e-9
+    u, logdet = m(x)
+    assert torch.isfinite(u).all() and u.abs().max() < 4.8
+    direct = m(x[:, :, :, :])[1]
+    assert torch.isfinite(logdet).all() and torch.equal(direct, logdet)
+    # the log-det is log(density) - log phi(u): at the very end of bin 0 as inside it
+    inner = x.clone()
+    inner[0, 0, 0, 0] = -1.0 + 1e-3
+    log_phi = lambda v: -0.5 * v * v - 0.5 * math.log(2 * math.pi)  # noqa: E731
+    ld_end = m(x)[1] + log_phi(m(x)[0]).sum()
+    ld_in = m(inner)[1] + log_phi(m(inner)[0]).sum()
+    assert abs(float(ld_end - ld_in)) < 1e-9  # same bin: same density
+
+
 def test_inverse_maps_the_real_line_into_range_and_keeps_nan():
     m = far_marginals()
     u = torch.tensor([math.inf, -math.inf, math.nan, 40.0, -40.0, 0.0, 1.0, -2.0, 3.0],
@@ -109,7 +128,8 @@ def test_histogram_init_is_the_independent_pixel_model():
     model.init_from_data(torch.as_tensor(train, dtype=torch.uint8).view(-1, 1, 4, 4))
     counts = np.stack([np.bincount(train[:, d], minlength=k_levels) for d in range(16)]) + 1.0
     probs = counts / counts.sum(1, keepdims=True)
-    expect = -np.log2(probs[np.arange(16), test]).mean()
+    # (1 - 2 eps) per dimension: the squeeze that keeps the ends of [-1, 1] finite
+    expect = -np.log2(probs[np.arange(16), test]).mean() - np.log2(1 - 2 * EPS)
     got = evaluate_bpd(model, torch.as_tensor(test, dtype=torch.uint8).view(-1, 1, 4, 4))
     assert abs(got["bpd"] - expect) < 1e-6
     assert expect < 0.9 * math.log2(k_levels)  # the data are far from uniform
@@ -118,14 +138,16 @@ def test_histogram_init_is_the_independent_pixel_model():
 @pytest.mark.parametrize("family", ["tarflow", "jet"])
 @pytest.mark.parametrize("levels", [256, 17])
 def test_uniform_marginals_at_the_identity_score_log2_k(family, levels):
-    """Equal bin masses, whitening and flow at the identity: a uniform density on [-1, 1]^D,
-    so the evaluation pipeline reports exactly log2 K whatever the images."""
+    """Equal bin masses, whitening and flow at the identity: a uniform density on [-1, 1]^D
+    (times the squeeze's (1 - 2 eps)^D), so the evaluation pipeline reports log2 K (plus
+    2.9e-6) whatever the images."""
     kw = dict(marginals=True, whiten=True, num_levels=levels)
     cfg = tarflow_config(**kw) if family == "tarflow" else jet_config(**kw)
     model = build(cfg).double()
     k = torch.randint(0, levels, (20, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     got = evaluate_bpd(model, k.to(torch.uint8) if levels <= 256 else k)
-    assert abs(got["bpd"] - math.log2(levels)) < 1e-9
+    expect = math.log2(levels) - math.log2(1 - 2 * EPS)  # the squeeze: 2.9e-6 bits/dim
+    assert abs(got["bpd"] - expect) < 1e-9
 
 
 @pytest.mark.parametrize("family", ["tarflow", "jet"])
