@@ -470,10 +470,10 @@ class Trainer:
                   "test_images": ev["images"], "final": True, "time": elapsed,
                   "peak_rss_mb": rss,
                   **({} if nonfinite is None else {"nonfinite_samples": nonfinite})})
+        if diverged:
+            raise ValueError(f"training diverged: {diverged}; the model was not saved to "
+                             f"{self.run.model_dir} (try a lower --lr)")
         if final is not None:
-            if diverged:
-                raise ValueError(f"training diverged: {diverged}; the model was not saved to "
-                                 f"{self.run.model_dir} (try a lower --lr)")
             self.run.save_model(final if self.sharded else self.model,
                                 ema_state_dict=final.state_dict())
         dist_.barrier()

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..likelihood import dequantize_uniform
 from ..version import __version__
 from . import pretrained, sampler
 from .datamaps import Marginals, PatchWhitening, level_counts
@@ -262,11 +263,10 @@ class Flow(nn.Module):
         """Uniformly dequantized ``levels`` through the marginal map, ``batch`` images at a
         time, in float64 (fixed noise seed)."""
         g = torch.Generator().manual_seed(0)
-        dev = self.whitening.weight.device if self.whitening is not None else "cpu"
+        dev = self.whitening.weight.device
         for i in range(0, len(levels), batch):
-            k = levels[i:i + batch]
-            u = torch.rand(k.shape, generator=g, dtype=torch.float64)
-            x = ((k.double() + u) * (2.0 / self.config.num_levels) - 1.0).to(dev)
+            x = dequantize_uniform(levels[i:i + batch], self.config.num_levels, generator=g,
+                                   dtype=torch.float64).to(dev)
             yield x if self.marginals is None else self.marginals(x)[0]
 
     def _checkpoint_mode(self) -> str:
