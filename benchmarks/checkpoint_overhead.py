@@ -19,8 +19,8 @@ import torch
 from _results import emit
 
 from transflow import build, get_config
-from transflow.rundir import CHECKPOINT, RunDir
-from transflow.train import load_checkpoint
+from transflow.io.rundir import CHECKPOINT, RunDir
+from transflow.training import load_checkpoint
 
 
 def main() -> None:

@@ -40,12 +40,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import emit  # noqa: E402
 
-from transflow import prepared as P  # noqa: E402
-from transflow.batches import Prefetcher, augment_batch, gather_batch  # noqa: E402
 from transflow.data import load_data  # noqa: E402
-from transflow.prepare import PrepareOptions, prepare  # noqa: E402
-from transflow.presets import get_config  # noqa: E402
-from transflow.recipe import TrainConfig  # noqa: E402
+from transflow.data import prepared_set as P  # noqa: E402
+from transflow.data.prepare import PrepareOptions, prepare  # noqa: E402
+from transflow.training.batches import Prefetcher, augment_batch, gather_batch  # noqa: E402
+from transflow.training.presets import get_config  # noqa: E402
+from transflow.training.recipe import TrainConfig  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 

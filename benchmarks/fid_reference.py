@@ -25,8 +25,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import emit  # noqa: E402
 
-from transflow import fid  # noqa: E402
-from transflow.fidjob import data_pixels  # noqa: E402
+from transflow.evaluation import fid_metrics as fid  # noqa: E402
+from transflow.evaluation.fid import data_pixels  # noqa: E402
 
 
 class CachedFeatures(nn.Module):

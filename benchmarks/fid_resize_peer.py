@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import emit  # noqa: E402
 
-from transflow import fid  # noqa: E402
+from transflow.evaluation import fid_metrics as fid  # noqa: E402
 
 MEMBER = "torch_fidelity/interpolate_compat_tensorflow.py"
 

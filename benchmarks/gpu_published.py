@@ -57,7 +57,7 @@ def train_rate(name: str, batch: int, compiled: bool, original: bool, steps: int
     from _original_tarflow import original_loss
 
     from transflow import build, get_config
-    from transflow.recipe import make_optimizer
+    from transflow.training.recipe import make_optimizer
 
     overrides = dict(width=64, blocks=2, layers=2, couplings=2, image_size=16) if smoke else {}
     cfg = get_config(name, **{k: v for k, v in overrides.items()

@@ -11,7 +11,7 @@ projection), ``x2 <- (x2 + bias) * sigmoid(raw) * 2``. Shape J: 32x32x3, patch 4
 (channels, channels, spatial), depth 2, width 256, 4 heads, MLP 1024, batch 64; AdamW with
 weight decay; random data in [-1, 1]. The whole training step (loss, gradients, AdamW update) is
 one ``jax.jit``; so is the likelihood evaluation. XLA's FLOP count of the compiled forward is
-reported next to ``transflow.flops``' analytic count for the same shape (1.70 GFLOP/image).
+reported next to ``transflow.training.flops``' analytic count for the same shape (1.70 GFLOP/image).
 
 Needs ``jax`` (CPU), not torch: ``python -m venv /tmp/jaxenv && /tmp/jaxenv/bin/pip install
 jax==0.4.38 && /tmp/jaxenv/bin/python benchmarks/jet_jax_baseline.py``. Prints JSON and

@@ -25,7 +25,7 @@ from PIL import Image
 
 import transflow
 from transflow.data import pil_to_array
-from transflow.evaluate import auroc, per_image_bpd
+from transflow.evaluation.bpd import auroc, per_image_bpd
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import torch
 from _results import emit
 from sampling_speed import original_reverse
 
-from transflow.checkpoints import load
+from transflow.io.models import load
 from transflow.sampling import Guidance, auto_plan, invert_tarflow, resolve_plan
 
 METHODS = ["original", "sequential", "jacobi", "gs:4", "gs:16", "selective", "auto"]

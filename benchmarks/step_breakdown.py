@@ -29,7 +29,7 @@ from _results import emit
 from _shapes import SHAPES, build_shape, train_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from transflow.train import make_optimizer
+from transflow.training import make_optimizer
 
 KINDS = (
     ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),

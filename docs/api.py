@@ -12,14 +12,20 @@ from pathlib import Path
 
 #: the public modules, in the order of docs/architecture.md
 MODULES = [
-    "transflow", "transflow.flows", "transflow.flows.base", "transflow.flows.tarflow",
+    "transflow", "transflow.likelihood", "transflow.atomic",
+    "transflow.flows", "transflow.flows.base", "transflow.flows.tarflow",
     "transflow.flows.jet", "transflow.flows.guidance", "transflow.flows.solvers",
     "transflow.flows.sampler", "transflow.flows.distribution", "transflow.flows.pretrained",
-    "transflow.likelihood", "transflow.atomic", "transflow.rundir", "transflow.checkpoints",
-    "transflow.recipe", "transflow.batches", "transflow.train", "transflow.sampling",
-    "transflow.evaluate", "transflow.fid", "transflow.data", "transflow.distributed",
-    "transflow.presets", "transflow.trackers", "transflow.flops", "transflow.interop",
-    "transflow.interop.tarflow_original", "transflow.interop.jet_bigvision",
+    "transflow.distributed", "transflow.sampling",
+    "transflow.data", "transflow.data.sources", "transflow.data.prepared_set",
+    "transflow.io", "transflow.io.rundir", "transflow.io.checkpoint", "transflow.io.models",
+    "transflow.io.hub", "transflow.interop", "transflow.interop.tarflow_original",
+    "transflow.interop.jet_bigvision",
+    "transflow.evaluation", "transflow.evaluation.bpd", "transflow.evaluation.fid",
+    "transflow.evaluation.fid_metrics",
+    "transflow.training", "transflow.training.spec", "transflow.training.trainer",
+    "transflow.training.recipe", "transflow.training.batches", "transflow.training.presets",
+    "transflow.training.trackers", "transflow.training.flops",
 ]
 
 

@@ -199,12 +199,12 @@ def build(root: Path) -> None:
     from transflow import get_config, save_pretrained
     from transflow.data import load_data
     from transflow.interop import save_original
-    from transflow.recipe import TrainConfig
-    from transflow.train import train
+    from transflow.training import train
+    from transflow.training.recipe import TrainConfig
 
     root.mkdir(parents=True, exist_ok=True)
-    from transflow.prepare import prepare
-    from transflow.prepared import STATE
+    from transflow.data.prepare import prepare
+    from transflow.data.prepared_set import STATE
 
     prepare("digits", root / "prepared", progress=False)
     (root / "unfinished").mkdir()

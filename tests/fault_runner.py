@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-import transflow.train as T
+import transflow.training as T
 from transflow.cli import main
-from transflow.rundir import CHECKPOINT, PREV_CHECKPOINT
+from transflow.io.rundir import CHECKPOINT, PREV_CHECKPOINT
 
 faults = {}
 for item in sys.argv[1].split(","):

@@ -1,4 +1,6 @@
-"""The shape of the package (docs/architecture.md): no import cycles, ``flows/`` at the ground,
+"""The shape of the package (docs/architecture.md): no import cycles, the packages in layers
+(each imports only its own group or lower layers), ``flows/`` at the ground, the old module
+paths importing with a deprecation warning,
 no imports hidden inside functions, nothing outside ``flows/`` touching a flow's private
 methods, every CLI flag documented and the sampling flags shared by ``sample`` and ``eval
 fid``."""
@@ -82,6 +84,77 @@ def test_flows_import_nothing_above_them():
         if m.startswith("transflow.flows"):
             above = {d for d in deps if not d.startswith("transflow.flows") and d not in leaves}
             assert not above, (m, above)
+
+
+#: the layers of docs/architecture.md, lowest first: a module imports only modules of its own
+#: group or of a lower layer (groups on one layer do not import each other)
+LAYERS = [
+    {"leaves": ("transflow.atomic", "transflow.torchfile", "transflow.likelihood",
+                "transflow.version", "transflow._moved")},
+    {"flows": ("transflow.flows",)},
+    {"shared": ("transflow.distributed", "transflow.sampling")},
+    {"data": ("transflow.data",), "io": ("transflow.io",)},
+    {"interop": ("transflow.interop",)},
+    {"evaluation": ("transflow.evaluation",)},
+    {"training": ("transflow.training",)},
+    {"cli": ("transflow.cli",)},
+    {"facade": ("transflow", "transflow.__main__")},
+]
+
+
+def _group(module: str) -> tuple[int, str]:
+    best = None
+    for rank, groups in enumerate(LAYERS):
+        for group, prefixes in groups.items():
+            for pre in prefixes:
+                hit = module == pre or (module.startswith(pre + ".") and pre != "transflow")
+                if hit and (best is None or len(pre) > best[0]):
+                    best = (len(pre), rank, group)
+    assert best is not None, f"{module} is in no layer of docs/architecture.md"
+    return best[1], best[2]
+
+
+def test_packages_import_only_their_own_group_or_lower_layers():
+    wrong = []
+    for m, deps in GRAPH.items():
+        rank, group = _group(m)
+        for d in deps:
+            d_rank, d_group = _group(d)
+            if d_group != group and d_rank >= rank:
+                wrong.append(f"{m} ({group}) imports {d} ({d_group})")
+    assert not wrong, wrong
+    assert _group("transflow.training.trainer") == (6, "training")  # the check sees packages
+    assert _group("transflow.sampling") == (2, "shared")
+
+
+def test_the_root_holds_only_the_shared_modules():
+    root = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert root == ["__init__", "__main__", "_moved", "atomic", "distributed", "likelihood",
+                    "sampling", "torchfile", "version"]
+
+
+def test_moved_modules_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    from transflow._moved import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mod = importlib.import_module(old)
+        assert mod is importlib.import_module(new), old
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message)
+                   for w in caught), old
+    # the names users imported from the old paths are still there
+    with pytest.warns(DeprecationWarning):
+        sys.modules.pop("transflow.train", None)
+        from transflow.train import TrainConfig, Trainer, train  # noqa: F401
+    with pytest.warns(DeprecationWarning):
+        sys.modules.pop("transflow.evaluate", None)
+        from transflow.evaluate import evaluate_bpd, per_image_bpd  # noqa: F401
 
 
 def test_no_package_import_hidden_inside_a_function_or_type_check():
@@ -197,8 +270,8 @@ def test_both_families_share_the_flow_interface():
 def test_presets_are_typed():
     from transflow import PRESETS
     from transflow.flows import FlowConfig
-    from transflow.presets import Preset
-    from transflow.recipe import TrainConfig
+    from transflow.training.presets import Preset
+    from transflow.training.recipe import TrainConfig
 
     for name, p in PRESETS.items():
         assert isinstance(p, Preset) and p.name == name

@@ -15,14 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import transflow
-from transflow import Flow, Jet, TarFlow, build, checkpoints
+from transflow import Flow, Jet, TarFlow, build
 from transflow.atomic import atomic_open
-from transflow.checkpoints import (
-    load,
-    parse_hub_path,
-    push_to_hub,
-    save_pretrained,
-)
+from transflow.io import models as checkpoints
+from transflow.io.hub import push_to_hub
+from transflow.io.models import load, parse_hub_path, save_pretrained
 
 from conftest import JET_VARIANTS, TARFLOW_VARIANTS, jet_config, perturb, tarflow_config
 

@@ -101,8 +101,8 @@ PUBLISHED_RECIPES = {
 
 @pytest.mark.parametrize("name", list(PUBLISHED_RECIPES))
 def test_published_presets_carry_the_published_recipes(name):
-    from transflow.presets import get_preset
-    from transflow.recipe import check_noise
+    from transflow.training.presets import get_preset
+    from transflow.training.recipe import check_noise
 
     p = get_preset(name)
     t = p.train
@@ -116,7 +116,7 @@ def test_published_presets_carry_the_published_recipes(name):
 
 
 def test_published_presets_are_the_papers_and_the_small_ones_start_from_the_data():
-    from transflow.presets import PRESETS
+    from transflow.training.presets import PRESETS
 
     for name, p in PRESETS.items():
         published = name.split("-")[1] in ("imagenet64", "imagenet128", "afhq256")
@@ -125,7 +125,7 @@ def test_published_presets_are_the_papers_and_the_small_ones_start_from_the_data
 
 
 def test_default_preset_fits_its_patch_to_the_data():
-    from transflow.presets import default_preset, fit_to_data
+    from transflow.training.presets import default_preset, fit_to_data
 
     assert default_preset("jet", "digits") == "jet-digits"
     assert default_preset("tarflow", "mnist") == "tarflow-small"

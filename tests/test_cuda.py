@@ -14,7 +14,7 @@ from transflow import Jet, TarFlow, get_config
 from transflow.data import load_data
 from transflow.likelihood import bits_per_dim
 from transflow.sampling import auto_plan, denoise, invert_tarflow, sample
-from transflow.train import TrainConfig, make_optimizer, train
+from transflow.training import TrainConfig, make_optimizer, train
 
 from conftest import JET_VARIANTS, TARFLOW_VARIANTS, jet_config, perturb, tarflow_config
 
@@ -183,7 +183,7 @@ def test_seeded_sampling_and_auto_plan_under_a_default_cuda_device():
 def test_training_on_a_prepared_set_equals_memory_on_cuda(tmp_path):
     # the CUDA data path: rows read into pinned memory by the prefetch thread, the noise drawn
     # on the device; a prepared set trains bit for bit as the same images in memory
-    from transflow.prepare import prepare
+    from transflow.data.prepare import prepare
 
     prepare("digits", tmp_path / "prep", progress=False)
     cfg = get_config("tarflow-digits", width=32, blocks=2, layers=1, head_dim=16)

@@ -5,6 +5,7 @@ initialisation in training."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,12 +13,12 @@ import pytest
 import torch
 
 from transflow import Jet, TarFlow, build
-from transflow.batches import init_images
 from transflow.data import ImageData, load_data
-from transflow.evaluate import evaluate_bpd
+from transflow.evaluation.bpd import evaluate_bpd
 from transflow.flows.datamaps import EPS, Marginals, PatchWhitening, level_counts
 from transflow.likelihood import nonfinite_images
-from transflow.recipe import TrainConfig, make_optimizer
+from transflow.training.batches import init_images
+from transflow.training.recipe import TrainConfig, make_optimizer
 
 from conftest import jet_config, perturb, shared_path, tarflow_config
 
@@ -189,15 +190,16 @@ def test_counts_sample_flips_and_decay():
 
 def test_save_load_and_training_moves_the_marginals(tmp_path):
     data = load_data("digits")
-    from transflow.rundir import RunDir
-    from transflow.train import Trainer
+    from transflow.io.rundir import RunDir
+    from transflow.training import DataSpec, RunSpec, Trainer
 
     cfg = tarflow_config(marginals=True, whiten=True, num_levels=17, num_classes=10)
     tc = TrainConfig(steps=3, batch_size=32, eval_every=3, eval_images=64, sample_every=3,
                      checkpoint_every=3, prefetch=0)
     small = ImageData("digits", data.x_train[:200], data.y_train[:200], data.x_test[:64],
                       data.y_test[:64], num_levels=17)
-    trainer = Trainer(cfg, small, tc, RunDir(tmp_path / "run"), progress=False)
+    trainer = Trainer(RunSpec(cfg, tc, DataSpec()), small, RunDir(tmp_path / "run"),
+                      progress=False)
     counts = level_counts(torch.as_tensor(small.x_train), 17)  # all 200 images are sampled
     start = torch.log(counts.double() + 1)
     got = trainer.model.marginals.logits.detach().double()
@@ -221,20 +223,22 @@ def test_short_mnist_training_beats_the_independent_pixel_model(tmp_path):
     """150 steps (about a minute here) of the default recipe of ``transflow train --data
     mnist.npz`` go well below the independent-pixel model's 1.69 test bits/dim."""
     from transflow.cli import build_parser
-    from transflow.cli.train import resolve_configs
-    from transflow.rundir import RunDir
-    from transflow.train import Trainer
+    from transflow.cli.train import request_from_args
+    from transflow.io.rundir import RunDir
+    from transflow.training import Trainer, new_run
 
     path = str(shared_path("data/mnist.npz"))
     data = load_data(path)
     args = build_parser().parse_args(["train", "--data", path])
-    model_cfg, tc = resolve_configs(args, data)
+    spec = new_run(request_from_args(args), data)
+    model_cfg, tc = spec.model, spec.train
     assert model_cfg.marginals and model_cfg.whiten
     tc = TrainConfig.from_dict(tc.to_dict() | dict(steps=150, eval_every=150, eval_images=1000,
                                                   sample_every=150, checkpoint_every=150))
     test = ImageData("mnist", data.x_train, data.y_train, data.x_test[:2000],
                      data.y_test[:2000], num_levels=256)
-    summary = Trainer(model_cfg, test, tc, RunDir(tmp_path / "run"), progress=False).fit()
+    spec = dataclasses.replace(spec, train=tc)
+    summary = Trainer(spec, test, RunDir(tmp_path / "run"), progress=False).fit()
     assert summary["test_bpd"] < 1.60
 
 
@@ -250,11 +254,12 @@ def test_the_original_layouts_refuse_the_data_maps():
 
 def test_gaussian_noise_and_marginals_are_refused_or_switched_off(tmp_path, capsys):
     from transflow.cli import build_parser, main
-    from transflow.cli.train import resolve_configs
+    from transflow.cli.train import request_from_args
+    from transflow.training import new_run
 
     data = load_data("digits")
     args = build_parser().parse_args(["train", "--dequant", "gaussian", "--noise-std", "0.05"])
-    model_cfg, _ = resolve_configs(args, data)
+    model_cfg = new_run(request_from_args(args), data).model
     assert not model_cfg.marginals and model_cfg.whiten  # the default adapts
     code = main(["train", "--dequant", "gaussian", "--noise-std", "0.05", "--marginals",
                  "--steps", "2", "--out", str(tmp_path / "run"), "--no-progress"])

@@ -41,7 +41,7 @@ def one_process(*args: str) -> None:
 def save_tiny_model(path: Path) -> None:
     """A small conditional TarFlow for the digits, far from the identity, saved to ``path``."""
     from transflow import TarFlowConfig, build
-    from transflow.checkpoints import save_pretrained
+    from transflow.io.models import save_pretrained
 
     torch.manual_seed(0)
     model = build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8,
@@ -197,7 +197,7 @@ def test_sample_under_torchrun_writes_the_images_of_one_process(tmp_path):
 def synthetic_prepared(root: Path, train_images: int, size: int = 32, seed: int = 0) -> int:
     """A prepared set of random RGB images written chunk by chunk (never whole in memory);
     returns the bytes of its training images."""
-    from transflow.prepared import write_prepared
+    from transflow.data.prepared_set import write_prepared
 
     rng = np.random.default_rng(seed)
     shape = (3, size, size)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import transflow.evaluate as E
+import transflow.evaluation.bpd as E
 from transflow import build
 from transflow.cli import main
 from transflow.data import load_data
-from transflow.train import TrainConfig, make_batch, train
+from transflow.training import TrainConfig, make_batch, train
 
 from conftest import perturb, tarflow_config
 

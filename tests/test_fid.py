@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transflow import fid
+from transflow.evaluation import fid_metrics as fid
 
 from conftest import shared_path
 
@@ -161,7 +161,7 @@ def test_eval_fid_under_torchrun_equals_one_process(tmp_path: Path, fake_net_pat
     import sys
 
     from transflow import TarFlowConfig, build
-    from transflow.checkpoints import save_pretrained
+    from transflow.io.models import save_pretrained
 
     torch.manual_seed(0)
     model = build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8,
@@ -544,8 +544,8 @@ def test_eval_fid_defaults_follow_the_literature() -> None:
 
 def test_sample_npz_holds_adm_arr_0(tmp_path: Path) -> None:
     from transflow import TarFlowConfig, build
-    from transflow.checkpoints import save_pretrained
     from transflow.cli import main
+    from transflow.io.models import save_pretrained
 
     torch.manual_seed(0)
     save_pretrained(build(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16,
@@ -589,7 +589,7 @@ def test_fid_equals_torchmetrics_with_the_same_network(inception: torch.nn.Modul
 def test_image_folder_reference_is_made_at_the_models_size(tmp_path: Path) -> None:
     from PIL import Image
 
-    from transflow.fidjob import data_pixels
+    from transflow.evaluation.fid import data_pixels
 
     rng = np.random.default_rng(0)
     for i in range(20):

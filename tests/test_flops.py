@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from transflow import JetConfig, TarFlowConfig, build
-from transflow.flops import forward_flops, train_flops
+from transflow.training.flops import forward_flops, train_flops
 
 
 def counted(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -53,7 +53,7 @@ def test_training_logs_model_flops_per_second(tmp_path):
     import json
 
     from transflow.data import load_data
-    from transflow.train import TrainConfig, train
+    from transflow.training import TrainConfig, train
 
     data = load_data("digits")
     cfg = TarFlowConfig(image_size=8, channels=1, patch_size=2, width=16, head_dim=8, blocks=2,

@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 
 from transflow import TarFlowConfig
-from transflow import prepared as P
-from transflow.arrays import NpyImages
 from transflow.cli import main
 from transflow.data import from_datasets, load_data
-from transflow.hfdata import HFOptions
-from transflow.prepare import PrepareOptions, prepare
-from transflow.train import TrainConfig, train
+from transflow.data import prepared_set as P
+from transflow.data.arrays import NpyImages
+from transflow.data.huggingface import HFOptions
+from transflow.data.prepare import PrepareOptions, prepare
+from transflow.training import TrainConfig, train
 
 FAST = dict(batch_size=16, log_every=5, eval_every=100, eval_images=32, sample_every=100,
             checkpoint_every=100)
@@ -177,8 +177,8 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
 # ---------------------------------------------------------------------------------------------
 FAULT = textwrap.dedent("""
     import os, signal, sys
-    import transflow.prepare as prep
-    import transflow.prepared as P
+    import transflow.data.prepare as prep
+    import transflow.data.prepared_set as P
     prep.CHUNK = 16
     calls = {"n": 0}
     real = P.SplitWriter.append

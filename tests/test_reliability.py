@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import transflow.train as T
+import transflow.io.images as images_io
+import transflow.training as T
 from transflow import get_config
 from transflow.data import load_data
-from transflow.train import TrainConfig, load_checkpoint, train
+from transflow.io.rundir import RunDir
+from transflow.training import TrainConfig, train
 
 TINY = ["--width", "32", "--blocks", "2", "--layers", "1", "--head-dim", "16"]
 STEPS = 30
@@ -111,15 +113,15 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, digits, cap
     data = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 3])  # truncated
     with pytest.warns(UserWarning, match="unreadable"):
-        ckpt = load_checkpoint(run)
-    assert ckpt["step"] == 5
+        ckpt = RunDir(run).load_checkpoint()
+    assert ckpt.step == 5
     train(tiny_cfg(digits), digits, TrainConfig(steps=12, **FAST), run, resume=True,
           progress=False)
-    assert load_checkpoint(run)["step"] == 12
+    assert RunDir(run).load_checkpoint().step == 12
     (run / "checkpoint.pt").write_bytes(b"garbage")
     (run / "checkpoint.prev.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="unreadable"):
-        load_checkpoint(run)
+        RunDir(run).load_checkpoint()
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, digits, monkeypatch):
@@ -160,12 +162,12 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, digits, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(T.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="No space left on device.*previous checkpoint is intact"):
         train(tiny_cfg(digits), digits, TrainConfig(steps=10, **FAST), run, progress=False)
-    monkeypatch.setattr(T.torch, "save", real_save)
-    assert load_checkpoint(run)["step"] == 5
+    monkeypatch.setattr(torch, "save", real_save)
+    assert RunDir(run).load_checkpoint().step == 5
     assert not list(run.glob(".*.tmp"))
 
 
@@ -215,10 +217,10 @@ def test_full_disk_while_writing_samples_keeps_training(tmp_path, digits, monkey
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(T, "save_png", no_space)
+    monkeypatch.setattr(images_io, "save_png", no_space)
     s = train(tiny_cfg(digits), digits, TrainConfig(steps=10, **(FAST | {"sample_every": 5})),
               tmp_path / "run", progress=False)
-    assert s["steps"] == 10 and load_checkpoint(tmp_path / "run")["step"] == 10
+    assert s["steps"] == 10 and RunDir(tmp_path / "run").load_checkpoint().step == 10
     assert "could not write sample grid" in capsys.readouterr().err
 
 
@@ -228,7 +230,7 @@ def test_bit_flip_in_a_checkpoint_is_detected(tmp_path, digits):
     data = bytearray((run / "checkpoint.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside the tensor data
     (run / "checkpoint.pt").write_bytes(bytes(data))
-    assert load_checkpoint(run)["step"] == 5  # fell back to checkpoint.prev.pt
+    assert RunDir(run).load_checkpoint().step == 5  # fell back to checkpoint.prev.pt
 
 
 # ---------------------------------------------------------------------------------------------

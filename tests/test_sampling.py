@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from transflow import Jet, TarFlow
-from transflow.checkpoints import save_pretrained
 from transflow.cli import main
 from transflow.flows.solvers import solve_block
 from transflow.flows.tarflow import TarFlowBlock
+from transflow.io.models import save_pretrained
 from transflow.sampling import (
     Guidance,
     auto_plan,
@@ -571,10 +571,10 @@ def test_one_seed_gives_the_same_images_through_every_entry_point(saved_models, 
     from PIL import Image
 
     from transflow import load
-    from transflow.images import grid, levels_to_pixels
+    from transflow.io.images import grid, levels_to_pixels
     from transflow.likelihood import unit_to_levels
     from transflow.sampling import SampleOptions, draw
-    from transflow.train import grid_labels, save_sample_grid
+    from transflow.training import grid_labels, save_sample_grid
 
     model = load(saved_models["cond"])
     k = model.config.num_levels

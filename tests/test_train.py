@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import transflow.train as T
+import transflow.training as T
 from transflow import bits_per_dim, get_config
-from transflow.batches import mix_seed
 from transflow.cli import main
 from transflow.data import ImageData, load_data
+from transflow.evaluation.bpd import evaluate_bpd
 from transflow.flows import build
-from transflow.train import TrainConfig, evaluate_bpd, make_batch, train
+from transflow.io.models import copy_weights
+from transflow.training import TrainConfig, make_batch, train
+from transflow.training.batches import mix_seed
+from transflow.training.budget import fit_steps_to_budget
 
 from conftest import shared_path
 
@@ -76,7 +79,7 @@ def test_training_lowers_test_bpd_and_writes_the_run(tmp_path, digits, family):
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["model"]["model"] == family and resolved["train"]["steps"] == 60
     # the saved model is the EMA model and reproduces the final evaluation
-    from transflow.checkpoints import load
+    from transflow.io.models import load
     model = load(run / "model")
     ev = evaluate_bpd(model, digits.x_test, digits.y_test)
     assert ev["bpd"] == pytest.approx(summary["test_bpd"], abs=1e-9)
@@ -223,9 +226,9 @@ def test_fine_tuning_starts_lower_than_scratch(tmp_path, digits):
                     init_from=str(tmp_path / "pre"), progress=False)
     scratch = train(cfg, b, TrainConfig(steps=1, **FAST), tmp_path / "scratch", progress=False)
     assert summary["test_bpd"] < scratch["test_bpd"] - 0.5
-    from transflow.checkpoints import load
+    from transflow.io.models import load
     pre, ft = load(tmp_path / "pre"), build(cfg)
-    T.init_weights(ft, str(tmp_path / "pre"))
+    copy_weights(ft, str(tmp_path / "pre"))
     for k, v in pre.state_dict().items():
         assert torch.equal(ft.state_dict()[k], v), k
 
@@ -235,7 +238,7 @@ def test_init_from_a_different_architecture_names_the_tensor(tmp_path, digits):
     train(cfg, digits, TrainConfig(steps=1, **FAST), tmp_path / "pre", progress=False)
     with pytest.raises(ValueError, match=r"tensor 'blocks.0.pos_embed' has shape \[16, 32\] "
                                          r"there but \[16, 64\] here"):
-        T.init_weights(build(tiny_tarflow(digits, width=64, head_dim=16)), str(tmp_path / "pre"))
+        copy_weights(build(tiny_tarflow(digits, width=64, head_dim=16)), str(tmp_path / "pre"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,15 +296,15 @@ def test_mnist_npz_trains(tmp_path):
 def test_time_limit_fits_steps_and_caps_warmup():
     cfg = TrainConfig(steps=5000, warmup=200, time_limit=10.0)
     # 30 steps took 6 s: 5 steps/s; 0.9 * 600 s - 6 s left -> 2670 more steps
-    fitted = T.fit_steps_to_budget(cfg, 30, 30, 0.0, 6.0)
+    fitted = fit_steps_to_budget(cfg, 30, 30, 0.0, 6.0)
     assert fitted.steps == 30 + int((540 - 6) * 5) and fitted.warmup == 200
-    slow = T.fit_steps_to_budget(cfg, 30, 30, 0.0, 60.0)  # 0.5 steps/s -> 270 + 30 steps
+    slow = fit_steps_to_budget(cfg, 30, 30, 0.0, 60.0)  # 0.5 steps/s -> 270 + 30 steps
     assert slow.steps == 30 + 240 and slow.warmup == 27
 
 
 def test_snapshots_and_kept_checkpoints(tmp_path, capsys):
     from transflow import load
-    from transflow.rundir import RunDir
+    from transflow.io.rundir import RunDir
 
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--steps", "6", "--snapshot-every", "2",

@@ -173,6 +173,18 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def load_full_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    """Load full (single-process layout) tensors into ``model``, whose parameters may be
+    FSDP2-sharded: each is sharded like the parameter it replaces."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = model.state_dict()
+    model.load_state_dict({k: (distribute_tensor(v.to(own[k].device), own[k].device_mesh,
+                                                 own[k].placements)
+                               if isinstance(own.get(k), DTensor) else v)
+                           for k, v in sd.items()})
+
+
 def full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
     """``opt.state_dict()`` with DTensor states gathered to full CPU tensors (collective under
     FSDP2), so it loads into a single-process optimizer over the same parameter order."""

@@ -6,10 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
-from ..checkpoints import load
 from ..distributed import resolve_device
 from ..flows import Flow
-from ..rundir import RunDir
+from ..io.models import load
+from ..io.rundir import RunDir
 from ..sampling import SampleOptions
 from .errors import UsageError
 from .options import add_options, positive_int

@@ -7,10 +7,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checkpoints import load, save_pretrained
 from ..flows import Jet, TarFlow
 from ..interop import jet_from_bigvision, save_bigvision, save_original, tarflow_from_original
 from ..interop.jet_bigvision import config_sidecar
+from ..io.models import load, save_pretrained
 from .errors import UsageError
 
 # ---------------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, fid, fidjob
+from .. import distributed
 from ..atomic import write_json
-from ..data import load_data
-from ..evaluate import evaluate_bpd, load_images_as_levels, per_image_bpd
-from ..rundir import RunDir
+from ..data.sources import load_data
+from ..evaluation import fid as fidjob
+from ..evaluation import fid_metrics as fid
+from ..evaluation.bpd import evaluate_bpd, load_images_as_levels, per_image_bpd
+from ..io.rundir import RunDir
 from ..sampling import SampleOptions
 from .common import (
     add_device,

@@ -2,8 +2,9 @@
 
 A field's flag is ``--field-name`` (or its ``metadata["flag"]``), its type that of the
 annotation, its help ``metadata["help"]`` plus the default. Booleans get ``--x/--no-x``. Used for
-the training settings (:class:`transflow.recipe.TrainConfig`) and the sampling options
-(:class:`transflow.sampling.SampleOptions`), so each option is declared once.
+the training settings (:class:`transflow.training.recipe.TrainConfig`) and the sampling options
+(:class:`transflow.sampling.SampleOptions`), so each option is declared once; and the model
+config fields of every family (:func:`add_model_options`), parsed by the field's type.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from typing import Any
+
+from ..flows import FAMILIES
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -88,3 +91,91 @@ def given_options(args: argparse.Namespace, cls: type, prefix: str = "") -> dict
 def options_from_args(args: argparse.Namespace, cls: type, prefix: str = "") -> Any:
     """An instance of ``cls`` from the parsed flags added by :func:`add_options`."""
     return cls(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)})
+
+
+# ---------------------------------------------------------------------------------------------
+# model options: the fields of every family's config
+# ---------------------------------------------------------------------------------------------
+MODEL_HELP = {
+    "image_size": "image height and width (an image folder is resized to it; other data fix it)",
+    "channels": "image channels (an image folder is converted to it; other data fix it)",
+    "patch_size": "patch side P: tokens are P x P x C values",
+    "num_classes": "classes (0: unconditional; set by the data)",
+    "num_levels": "grey levels K of the data (set by the data)",
+    "noise_std": "Gaussian noise the model is trained with (--dequant gaussian) and denoised by",
+    "marginals": "learned per-pixel Gaussianizing map in front of the flow, started at the "
+                 "training images' histograms (--no-marginals: none)",
+    "whiten": "learned linear map of each patch in front of the flow, started at the data's "
+              "whitening (after the marginals)",
+    "width": "Transformer width",
+    "blocks": "TarFlow: flow blocks",
+    "layers": "TarFlow: Transformer layers per block, one count or one per block (8,2,2,2)",
+    "head_dim": "TarFlow: attention head dimension",
+    "mlp_ratio": "MLP hidden width / width",
+    "nvp": "TarFlow: affine (--nvp) or volume-preserving (--no-nvp, learned prior variance)",
+    "scale": "TarFlow: scale function, exp or softplus (STARFlow)",
+    "soft_clip": "TarFlow: soft-clip log-scales to +-C with C tanh(a / C) (0: off)",
+    "final_norm": "TarFlow: LayerNorm before each block's output projection",
+    "norm_eps": "LayerNorm epsilon",
+    "gelu": "GELU variant: exact or tanh",
+    "couplings": "Jet: affine couplings",
+    "block_depth": "Jet: Transformer layers per conditioner",
+    "heads": "Jet: attention heads",
+    "kinds": "Jet: coupling kinds repeated over the couplings (channels,spatial)",
+    "spatial_masks": "Jet: spatial masks in turn (checkerboard, vstripes, hstripes, each also "
+                     "-inv)",
+    "scale_factor": "Jet: scales are sigmoid(.) x this",
+    "perm_seed": "Jet: seed of the channel permutations",
+}
+
+_LIST_FIELDS = {"layers", "kinds", "spatial_masks"}
+
+
+def _model_examples() -> dict[str, Any]:
+    """One default value per model-config field of any family (gives each field's type)."""
+    out: dict[str, Any] = {}
+    for cfg_cls, _ in FAMILIES.values():
+        for name, value in dataclasses.asdict(cfg_cls()).items():
+            out.setdefault(name, value)
+    return out
+
+
+def add_model_options(group: argparse._ActionsContainer) -> None:
+    """A flag per model-config field of any family (dest ``model_<field>``, default None)."""
+    for name, example in _model_examples().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(example, bool):
+            group.add_argument(flag, dest=f"model_{name}", action=argparse.BooleanOptionalAction,
+                               default=None, help=MODEL_HELP[name])
+        else:
+            group.add_argument(flag, dest=f"model_{name}", default=None, metavar="V",
+                               help=MODEL_HELP[name])
+
+
+def _parse_field(name: str, text: str, example: Any) -> Any:
+    if name == "layers":
+        vals = [int(v) for v in text.split(",")]
+        return vals[0] if len(vals) == 1 else vals
+    if name in _LIST_FIELDS:
+        return [v.strip() for v in text.split(",") if v.strip()]
+    if isinstance(example, int):
+        return int(text)
+    if isinstance(example, float):
+        return float(text)
+    return text
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model fields whose flags were given, parsed to the field's type."""
+    out = {}
+    for name, example in _model_examples().items():
+        value = getattr(args, f"model_{name}")
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            try:
+                value = _parse_field(name, value, example)
+            except ValueError as e:
+                raise ValueError(f"--{name.replace('_', '-')}: cannot parse {value!r}") from e
+        out[name] = value
+    return out

@@ -1,13 +1,13 @@
-"""``transflow prepare SRC OUT``: write a prepared data set (:mod:`transflow.prepare`)."""
+"""``transflow prepare SRC OUT``: write a prepared data set (:mod:`transflow.data.prepare`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from ..hfdata import HFOptions
-from ..imagefiles import RESIZE_MODES
-from ..prepare import PrepareOptions, prepare
+from ..data.huggingface import HFOptions
+from ..data.imagefiles import RESIZE_MODES
+from ..data.prepare import PrepareOptions, prepare
 from .options import add_options, options_from_args, positive_int
 
 

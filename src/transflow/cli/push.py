@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoints import load, push_to_hub
-from ..rundir import RunDir
+from ..io.hub import push_to_hub
+from ..io.models import load
+from ..io.rundir import RunDir
 from .common import add_model
 
 

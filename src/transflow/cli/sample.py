@@ -11,8 +11,8 @@ import torch
 
 from .. import distributed
 from ..atomic import atomic_open
-from ..checkpoints import load
-from ..images import grid, levels_to_pixels, save_png
+from ..io.images import grid, levels_to_pixels, save_png
+from ..io.models import load
 from ..likelihood import nonfinite_images, unit_to_levels
 from ..sampling import SampleOptions, draw
 from .common import add_device, add_model, add_progress, add_sampling, check_output_location

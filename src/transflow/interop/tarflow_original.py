@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from ..atomic import PathLike, atomic_open
-from ..checkpoints import read_state_dict
 from ..flows import TarFlow, TarFlowConfig
 from ..flows.base import check_state_dict, empty_model
 from ..flows.base import from_state_dict as model_from_state_dict
+from ..io.models import read_state_dict
 
 # ours -> original, for the tensors inside blocks.i.layers.j (blocks.i.attn_blocks.j)
 _LAYER_NAMES = {

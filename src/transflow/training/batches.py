@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distributed import SINGLE, DistInfo
-from .flows import FlowConfig
-from .likelihood import dequantize_gaussian, dequantize_uniform
+from ..distributed import SINGLE, DistInfo
+from ..flows import FlowConfig
+from ..likelihood import dequantize_gaussian, dequantize_uniform
 from .recipe import TrainConfig
 
 
@@ -62,7 +62,7 @@ def rank_rows(batch_size: int, info: DistInfo = SINGLE) -> slice:
 def gather_batch(x_levels: Any, y: Tensor | None, step: int, cfg: TrainConfig,
                  info: DistInfo = SINGLE, pin: bool = False) -> tuple[Tensor, Tensor | None]:
     """This rank's images of global batch ``step``, read from ``x_levels`` (a tensor or an
-    array read by index, :mod:`transflow.arrays`): ``uint8 [B / world, C, H, W]`` on the CPU
+    array read by index, :mod:`transflow.data.arrays`): ``uint8 [B / world, C, H, W]`` on the CPU
     and their labels. Only these rows are read."""
     idx = batch_indices(step, cfg.batch_size, len(x_levels), cfg.seed)[rank_rows(
         cfg.batch_size, info)]

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import fid
-from .data import pil_to_array
-from .distributed import SINGLE, DistInfo, all_reduce_sum
-from .fidjob import data_pixels, model_features
-from .flows import Flow
-from .likelihood import bits_per_dim, dequantize_uniform
-from .sampling import SampleOptions
+from ..data.sources import pil_to_array
+from ..distributed import SINGLE, DistInfo, all_reduce_sum
+from ..flows import Flow
+from ..likelihood import bits_per_dim, dequantize_uniform
+from ..sampling import SampleOptions
+from . import fid_metrics as fid
+from .fid import data_pixels, model_features
 
 ESTIMATORS = ("mean", "iw")
 __all__ = ["per_image_bpd", "evaluate_bpd", "auroc", "load_images_as_levels", "model_fid",
@@ -177,8 +177,8 @@ def model_fid(model: Flow, reference: fid.FeatureStats, n: int,
               options: SampleOptions | None = None, *, inception=None,
               device: str | torch.device = "cpu", progress: bool = False,
               dist: DistInfo = SINGLE) -> float:
-    """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.fid.
-    FeatureStats`), sampled as :func:`transflow.fidjob.model_features` does (sharded under
+    """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.evaluation.fid_metrics.
+    FeatureStats`), sampled as :func:`transflow.evaluation.fid.model_features` does (sharded under
     ``torchrun``: every rank returns the FID of all ``n``)."""
     stats, _, _ = model_features(model, n, options, inception=inception, device=device,
                                  progress=progress, dist=dist)

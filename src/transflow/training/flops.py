@@ -12,7 +12,7 @@ method ``forward_flops`` of its config.
 
 from __future__ import annotations
 
-from .flows.base import FlowConfig
+from ..flows.base import FlowConfig
 
 
 def forward_flops(config: FlowConfig) -> int:

@@ -6,7 +6,7 @@ datasets, with the indexing a ``torch.Tensor`` of images has (``x[i]``, ``x[a:b]
 file: the pages read stay in the operating system's cache, not in the process's resident memory,
 so a process that reads a 100 GB set holds only its batches. The files are ordinary ``.npy``
 files (``numpy.load(path, mmap_mode="r")`` maps them). :func:`write_npy_header` writes the
-fixed-length header that :mod:`transflow.prepare` rewrites in place when it finishes a file.
+fixed-length header that :mod:`transflow.data.prepare` rewrites in place when it finishes a file.
 """
 
 from __future__ import annotations

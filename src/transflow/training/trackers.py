@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .atomic import write_text
+from ..atomic import write_text
 
 
 class Tracker(Protocol):

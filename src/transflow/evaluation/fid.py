@@ -2,7 +2,7 @@
 the reference (a data set's split, or precomputed statistics in the EDM/ADM layouts), the images
 scored (a model's samples, sharded under torchrun, or existing images), FID with optional
 improved precision/recall on the same features, and a record of everything needed to reproduce
-the number. The numerics are :mod:`transflow.fid`.
+the number. The numerics are :mod:`transflow.evaluation.fid_metrics`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import fid
-from .data import load_data
-from .distributed import SINGLE, DistInfo
-from .flows import Flow
-from .imagefiles import IMAGE_SUFFIXES, decode_file
-from .images import levels_to_pixels
-from .likelihood import nonfinite_images, unit_to_levels
-from .sampling import SampleOptions, draw
-from .version import __version__
+from ..data.imagefiles import IMAGE_SUFFIXES, decode_file
+from ..data.sources import load_data
+from ..distributed import SINGLE, DistInfo
+from ..flows import Flow
+from ..io.images import levels_to_pixels
+from ..likelihood import nonfinite_images, unit_to_levels
+from ..sampling import SampleOptions, draw
+from ..version import __version__
+from . import fid_metrics as fid
 
 #: the sample count of published FIDs (EDM, ADM, StyleGAN, TarFlow)
 LITERATURE_SAMPLES = 50_000

@@ -10,7 +10,7 @@ A prepared data set is a directory::
 The manifest holds the image size, channels, levels, class names, counts, what was skipped and
 converted, how the images were made (source, resize) and a SHA-256 over the arrays' bytes.
 
-While :mod:`transflow.prepare` writes, the arrays grow as ``*.npy.partial`` files and
+While :mod:`transflow.data.prepare` writes, the arrays grow as ``*.npy.partial`` files and
 ``.prepare-state.json`` records, after every chunk is flushed and fsynced, how far each split
 got. A run that is stopped in any way (Ctrl-C, SIGKILL, a full disk) leaves no manifest, so
 nothing looks complete; run again with the same options it continues from the state file and
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import fsync_dir, read_json_object, write_json
 from .arrays import NPY_HEADER_BYTES, NpyImages, read_npy_header, write_npy_header
-from .atomic import fsync_dir, read_json_object, write_json
 
 MANIFEST = "manifest.json"
 STATE = ".prepare-state.json"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 ENV_VAR = "TRANSFLOW_INCEPTION"
 FEATURE_DIM = 2048

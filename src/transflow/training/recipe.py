@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flows.base import check_memory, check_positive_ints
+from ..flows.base import check_memory, check_positive_ints
 
 
 def _opt(default: Any, help: str) -> Any:

@@ -11,8 +11,9 @@
     RUN/snapshots/step_N/    the EMA model at step N (--snapshot-every), pretrained layout
     RUN/model/               the final EMA model in the pretrained layout
 
-Every file is written atomically (:mod:`transflow.atomic`). A training checkpoint carries a
-CRC-32 digest of its contents and every read verifies it (:func:`read_checkpoint`): resuming,
+Every file is written atomically (:mod:`transflow.atomic`). A training checkpoint
+(:class:`~transflow.io.checkpoint.Checkpoint`, its schema) carries a CRC-32 digest of its
+contents and every read verifies it (:func:`~transflow.io.checkpoint.read_checkpoint`): resuming,
 sampling, evaluating and scoring all read checkpoints through :class:`RunDir`, so a corrupted
 file is refused (or, when the previous checkpoint is intact, replaced by it with a warning),
 never used. The final model's safetensors file carries its own digest
@@ -31,11 +32,11 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_path, json_line, read_json_object, write_json, write_text
-from .flows import Flow, FlowConfig, config_from_any
-from .flows.base import from_state_dict, strip_prefix, with_ema
-from .flows.pretrained import WEIGHTS_NAME, digest
-from .torchfile import is_state_dict, torch_load_safe
+from ..atomic import atomic_path, json_line, read_json_object, write_json, write_text
+from ..flows import Flow, FlowConfig, config_from_any
+from ..flows.base import from_state_dict, strip_prefix, with_ema
+from ..flows.pretrained import WEIGHTS_NAME
+from .checkpoint import Checkpoint, checkpoint_bytes_dict, read_checkpoint
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -51,37 +52,26 @@ PathLike = str | os.PathLike
 
 
 # ---------------------------------------------------------------------------------------------
-# training checkpoint files
+# configs and checkpoints as read from disk
 # ---------------------------------------------------------------------------------------------
-def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """A transflow training checkpoint, verified: read without unpickling code, its digest
-    checked (when it has one), ``model`` and ``model_config`` present. ``ValueError`` (one
-    sentence naming the file) otherwise."""
-    path = Path(path)
-    ckpt = torch_load_safe(path)
-    if not isinstance(ckpt, Mapping) or "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a transflow training checkpoint (it needs "
-                         f"'model_config' and 'model' entries)")
-    ckpt = dict(ckpt)
-    stored = ckpt.pop("digest", None)
-    if stored is not None and stored != digest(ckpt):
-        raise ValueError(f"{path} is corrupt: its contents do not match the checksum stored "
-                         "with them")
-    if not is_state_dict(ckpt["model"]):
-        raise ValueError(f"{path}: 'model' is not a state dict")
-    if ckpt.get("ema") is not None and not is_state_dict(ckpt["ema"]):
-        raise ValueError(f"{path}: 'ema' is neither None nor a state dict")
-    return ckpt
+def model_config_from(d: Mapping[str, Any], source: str) -> FlowConfig:
+    """The model section of a run's ``config.json``, which must list every field (it was
+    written complete: a missing field means the file was damaged)."""
+    config = config_from_any(dict(d), f"{source} (model)")
+    missing = sorted(set(config.to_dict()) - set(d))
+    if missing:
+        raise ValueError(f"{source}: the model section lacks field(s) {', '.join(missing)}")
+    return config
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any], source: str,
+def model_from_checkpoint(ckpt: Checkpoint, source: str,
                           device: str | torch.device | None = "cpu") -> Flow:
-    """The model of a checkpoint read by :func:`read_checkpoint`: its EMA weights when it has
-    them, else the raw weights (eval mode)."""
-    config = config_from_any(ckpt["model_config"], f"{source} (model_config)")
-    sd = strip_prefix(ckpt["model"])
-    if ckpt.get("ema") is not None:
-        sd = with_ema(sd, ckpt["ema"], source)
+    """The model of a checkpoint: its EMA weights when it has them, else the raw weights (eval
+    mode)."""
+    config = config_from_any(ckpt.model_config, f"{source} (model_config)")
+    sd = strip_prefix(ckpt.model)
+    if ckpt.ema is not None:
+        sd = with_ema(sd, ckpt.ema, source)
     return from_state_dict(config, sd, source, device)
 
 
@@ -173,15 +163,8 @@ class RunDir:
         return d
 
     def model_config(self) -> FlowConfig:
-        """The model config of ``config.json``, which must list every field (it was written
-        complete: a missing field means the file was damaged)."""
-        d = self.read_config()["model"]
-        config = config_from_any(d, f"{self.config_path} (model)")
-        missing = sorted(set(config.to_dict()) - set(d))
-        if missing:
-            raise ValueError(f"{self.config_path}: the model section lacks field(s) "
-                             f"{', '.join(missing)}")
-        return config
+        """The model config of ``config.json`` (:func:`model_config_from`)."""
+        return model_config_from(self.read_config()["model"], str(self.config_path))
 
     def data_spec(self) -> str:
         return self.read_config()["data"]["spec"]
@@ -234,11 +217,11 @@ class RunDir:
         return final
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
-        """Write ``state`` (with its digest) as the new ``checkpoint.pt``; the current one
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Write ``ckpt`` (with its digest) as the new ``checkpoint.pt``; the current one
         becomes ``checkpoint.prev.pt`` only once the new file is complete on disk."""
         path = self.checkpoint_path
-        state = dict(state, digest=digest(dict(state)))
+        state = checkpoint_bytes_dict(ckpt)
 
         def rotate() -> None:
             if path.exists():
@@ -299,7 +282,7 @@ class RunDir:
                          f"(it has: {', '.join(map(str, have)) or 'none'}; train with "
                          "--snapshot-every N)")
 
-    def load_checkpoint(self) -> dict[str, Any]:
+    def load_checkpoint(self) -> Checkpoint:
         """The newest verified checkpoint (:func:`read_checkpoint`). When ``checkpoint.pt`` is
         unreadable or corrupt and ``checkpoint.prev.pt`` is intact, that one is used with a
         warning; a file that would need unpickling code is refused outright. ``ValueError``

@@ -1,5 +1,5 @@
 """``transflow prepare SRC OUT``: turn an image folder, an ``.npz`` (or ``digits``) or a Hugging
-Face dataset into a prepared data set on disk (layout: :mod:`transflow.prepared`), once, so that
+Face dataset into a prepared data set on disk (layout: :mod:`transflow.data.prepared_set`), once, so that
 training reads it by index instead of decoding and holding it at every launch.
 
 Phases: **plan** (list the source, fix size and channels, check OUT), **decode** (worker
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from . import prepared as P
-from .data import load_data
-from .hfdata import HFOptions, columns, example_image, open_splits, undecoded
+from ..version import __version__
+from . import prepared_set as P
+from .huggingface import HFOptions, columns, example_image, open_splits, undecoded
 from .imagefiles import RESIZE_MODES, decode_any, looks_like_image, plan_folder
-from .version import __version__
+from .sources import load_data
 
 CHUNK = 512  # images per appended, fsynced and recorded chunk
 

@@ -3,7 +3,7 @@
 Every source becomes an :class:`ImageData`: images ``uint8 [N, C, H, W]`` holding levels
 ``0..K-1`` (``K = num_levels``; 256 for 8-bit images, 17 for scikit-learn's digits), integer labels
 ``[N]`` (or ``None``) and a fixed train/test split. The images are a ``torch.Tensor`` or an
-object indexed like one (:mod:`transflow.arrays`: a prepared set's ``.npy`` files, a map-style
+object indexed like one (:mod:`transflow.data.arrays`: a prepared set's ``.npy`` files, a map-style
 dataset), so a set larger than memory is never loaded. Dequantization happens later, per batch.
 
 Sources (``load_data(spec)``):
@@ -12,14 +12,14 @@ Sources (``load_data(spec)``):
   permutation of the 1797 indices with ``numpy.random.default_rng(0)``; the first 360 are the test
   split, the remaining 1437 the train split.
 - a prepared data set (a directory with ``manifest.json``, made by ``transflow prepare``): read
-  on demand, never loaded whole (:mod:`transflow.prepared`).
+  on demand, never loaded whole (:mod:`transflow.data.prepared_set`).
 - ``PATH.npz``: ``uint8`` arrays ``x_train [N, H, W, C]``, ``y_train [N]``, ``x_test``, ``y_test``.
-- ``DIR``: an image folder (PNG/JPEG/...), see :mod:`transflow.imagefiles` for the layouts,
+- ``DIR``: an image folder (PNG/JPEG/...), see :mod:`transflow.data.imagefiles` for the layouts,
   resizing (``resize``: ``center-crop`` or ``box``) and colour conversions; unreadable files are
   skipped with a warning and counted, or raise in ``strict`` mode. Decoded at every load: for
   large folders run ``transflow prepare`` once.
 - ``hf:NAME[:CONFIG]`` or ``hf:PATH`` (a ``save_to_disk`` directory): a Hugging Face dataset
-  (optional extra ``hf``), splits and label column chosen by :class:`transflow.hfdata.HFOptions`.
+  (optional extra ``hf``), splits and label column chosen by :class:`transflow.data.huggingface.HFOptions`.
 
 :func:`from_datasets` wraps map-style ``torch.utils.data.Dataset`` objects.
 """
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .arrays import DatasetImages, dataset_labels
-from .hfdata import HFOptions, columns, example_image, open_splits
+from .huggingface import HFOptions, columns, example_image, open_splits
 from .imagefiles import (
     IMAGE_SUFFIXES,
     RESIZE_MODES,
@@ -46,7 +46,7 @@ from .imagefiles import (
     pil_to_array,
     plan_folder,
 )
-from .prepared import is_prepared, is_unfinished, open_split, read_manifest
+from .prepared_set import is_prepared, is_unfinished, open_split, read_manifest
 
 __all__ = ["ImageData", "load_data", "from_datasets", "pil_to_array", "IMAGE_SUFFIXES",
            "HFOptions"]

@@ -1,10 +1,12 @@
-"""Maximum-likelihood training of a flow on an in-memory image data set, into a run directory.
+"""Maximum-likelihood training of a flow on an image data set, into a run directory.
 
-The recipe (optimizer, schedule, EMA) is :mod:`transflow.recipe`, the batches
-:mod:`transflow.batches`, the files :class:`transflow.rundir.RunDir`. This module holds the
-:class:`Trainer`: its state (:class:`TrainState`, saved in every checkpoint), the time budget
-(:class:`TimeBudget`), one optimizer step (:meth:`Trainer.train_step`) and the loop
-(:meth:`Trainer.fit`), which reads top to bottom in labelled phases.
+The run is a resolved :class:`~transflow.training.spec.RunSpec`; the recipe (optimizer,
+schedule, EMA) is :mod:`.recipe`, the batches :mod:`.batches`, the time budget :mod:`.budget`,
+the files :class:`~transflow.io.rundir.RunDir` and the checkpoint's schema
+:class:`~transflow.io.checkpoint.Checkpoint`. This module holds the :class:`Trainer`: its
+builders, its state (``state_dict`` / ``load_state_dict``), one optimizer step
+(:meth:`Trainer.train_step`) and the loop (:meth:`Trainer.fit`), which reads top to bottom in
+labelled phases; and :func:`train`, the Python entry.
 
 Started by ``torchrun`` with N processes, each rank keeps its slice of the same global batch
 (DDP or FSDP2, see :mod:`transflow.distributed`): N processes train as one; rank 0 writes.
@@ -23,46 +25,36 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import distributed as dist_
-from .batches import (
-    Prefetcher,
-    augment_batch,
-    batch_indices,
-    gather_batch,
-    init_images,
-    make_batch,
-)
-from .checkpoints import load
-from .data import ImageData, from_datasets
-from .evaluate import evaluate_bpd
+from .. import distributed as dist_
+from ..data import ImageData, from_datasets
+from ..evaluation.bpd import evaluate_bpd
+from ..flows import Flow, FlowConfig, build
+from ..io.checkpoint import Checkpoint
+from ..io.images import grid_labels, save_sample_grid
+from ..io.models import copy_weights
+from ..io.rundir import RunDir
+from ..likelihood import bits_per_dim
+from .batches import Prefetcher, augment_batch, gather_batch, init_images
+from .budget import TimeBudget
 from .flops import train_flops
-from .flows import Flow, FlowConfig, build
-from .images import grid, levels_to_pixels, save_png
-from .likelihood import bits_per_dim, nonfinite_images, unit_to_levels
-from .recipe import (
-    TrainConfig,
-    check_noise,
-    learning_rate,
-    make_optimizer,
-    resolve_schedule,
-    update_ema,
+from .recipe import TrainConfig, learning_rate, make_optimizer, update_ema
+from .spec import (
+    DataSpec,
+    RunRequest,
+    RunSpec,
+    changed_fields,
+    check_new_run_dir,
+    complete,
+    read_run,
+    resume_run,
 )
-from .rundir import CHECKPOINT, RunDir
 from .trackers import make_trackers
-from .version import __version__
 
-__all__ = ["train", "Trainer", "TrainState", "TimeBudget", "TrainConfig", "make_batch",
-           "batch_indices", "learning_rate", "make_optimizer", "load_checkpoint", "CHECKPOINT"]
-
-
-def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """The newest verified checkpoint of a run (see :meth:`RunDir.load_checkpoint`)."""
-    return RunDir(run_dir).load_checkpoint()
+__all__ = ["train", "Trainer", "TrainState"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,56 +76,9 @@ class TrainState:
         self.window = {"bpd": 0.0, "n": 0, "imgs": 0}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
-        return cls(step=int(ckpt["step"]), bad_steps=int(ckpt.get("bad_steps", 0)),
-                   elapsed=float(ckpt.get("elapsed", 0.0)),
-                   window=dict(ckpt.get("log_window", {"bpd": 0.0, "n": 0, "imgs": 0})))
-
-
-class TimeBudget:
-    """``--time-limit``: after 30 steps of this session, fit ``steps`` to the budget from the
-    measured speed (refitted at every log step while the machine's speed changes), keeping 10%
-    of the budget for the final evaluation; and say when the budget is spent."""
-
-    WARMUP_STEPS = 30
-
-    def __init__(self, minutes: float, start_step: int, elapsed_before: float):
-        self.seconds = minutes * 60
-        self.start_step = start_step
-        self.before = elapsed_before
-        self.t0 = time.perf_counter()
-
-    @property
-    def active(self) -> bool:
-        return self.seconds > 0
-
-    def spent(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def out_of_time(self, step: int) -> bool:
-        """Whether the budget is spent before step ``step + 1``."""
-        return bool(self.active and step + 1 > self.start_step + self.WARMUP_STEPS
-                    and self.before + self.spent() > self.seconds)
-
-    def due(self, step: int, log_every: int) -> bool:
-        """Whether to refit after step ``step`` (1-based count of steps done)."""
-        first = self.start_step + self.WARMUP_STEPS
-        return self.active and step >= first and (step == first or step % log_every == 0)
-
-    def fit(self, cfg: TrainConfig, step: int) -> TrainConfig:
-        return fit_steps_to_budget(cfg, step - self.start_step, step, self.before, self.spent())
-
-
-def fit_steps_to_budget(cfg: TrainConfig, done: int, step: int, before: float, spent: float
-                        ) -> TrainConfig:
-    """Set ``steps`` so the run ends within ``time_limit`` at the speed of this session so far
-    (``done`` steps in ``spent`` seconds), keeping 10% of the budget for the final evaluation;
-    the warmup is capped at 10% of the steps."""
-    rate = done / max(spent, 1e-9)
-    left = 0.9 * cfg.time_limit * 60 - before - spent
-    steps = max(step + 1, step + int(left * rate))
-    # a short budget must not spend itself warming up: at most 10% of the steps
-    return dataclasses.replace(cfg, steps=steps, warmup=min(cfg.warmup, max(1, steps // 10)))
+    def from_checkpoint(cls, ckpt: Checkpoint) -> TrainState:
+        return cls(step=ckpt.step, bad_steps=ckpt.bad_steps, elapsed=ckpt.elapsed,
+                   window=dict(ckpt.log_window))
 
 
 @dataclasses.dataclass
@@ -192,83 +137,118 @@ class _StopRequest:
 # the trainer
 # ---------------------------------------------------------------------------------------------
 class Trainer:
-    """Everything one training run holds: model, EMA, optimizer, data, run directory, state."""
+    """Everything one training run holds: model, EMA, optimizer, data, run directory, state.
 
-    def __init__(self, model_config: FlowConfig, data: ImageData | Dataset, cfg: TrainConfig,
-                 run: RunDir, *, data_spec: str = "", data_options: dict[str, Any] | None = None,
-                 resume: bool = False, init_from: str | None = None, progress: bool = True):
-        if not isinstance(data, ImageData):
-            data = from_datasets(data, num_levels=model_config.num_levels,
-                                 num_classes=model_config.num_classes or None)
-        world = dist_.from_env().world
+    ``Trainer(spec, data, run)`` builds the run described by ``spec`` (a new one, or a resume
+    of ``run``: then its checkpoint is read and restored); :meth:`fit` trains it."""
+
+    def __init__(self, spec: RunSpec, data: ImageData | Dataset, run: RunDir, *,
+                 progress: bool = True):
+        self.data = as_image_data(data, spec.model)
+        self.spec = complete(spec, self.data)
+        self.model_config, self.cfg, self.run = self.spec.model, self.spec.train, run
+        self.progress = progress
+        self.info, self.device = dist_.setup(dist_.resolve_device(self.cfg.device))
+        self._check_run()
+        ckpt = self._read_checkpoint()
+        self.model, self.ema = self._build_models(initialise=ckpt is None)
+        self.net, self.sharded = self._build_parallel()
+        self.opt = make_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay,
+                                  fused=not self.sharded)
+        self.state = TrainState()
+        if ckpt is not None:
+            self.load_state_dict(ckpt)
+        self.resolved = self.spec.to_config(self.data, self.info.world)
+        if self.info.main:  # config.json, and metrics cut back to the checkpoint
+            run.write_config(self.resolved)
+            run.truncate_metrics(self.state.step)
+        self.autocast, self.forward = self._build_step()
+        self.trackers = (make_trackers(run.path, tensorboard=self.cfg.tensorboard,
+                                       wandb=self.cfg.wandb, config=self.resolved,
+                                       resume=self.spec.resume)
+                         if self.info.main else [])
+        self.step_flops = train_flops(self.model_config)  # per image; model_tflops / peak = MFU
+
+    # -- builders ------------------------------------------------------------------------------
+    def _check_run(self) -> None:
+        """The batch splits over the processes; a new run gets a directory of its own; the
+        directory is writable (rank 0)."""
+        cfg, world = self.cfg, self.info.world
         if cfg.batch_size % world:
             raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be "
                              f"divisible by the {world} processes")
         if (cfg.batch_size // world) % cfg.accum_steps:
             raise ValueError(f"--accum-steps {cfg.accum_steps} must divide each process's "
                              f"{cfg.batch_size // world} images of the global batch")
-        cfg = resolve_schedule(cfg, len(data.x_train))
-        check_noise(model_config.noise_std, cfg, model_config.marginals)
-        self.model_config, self.data, self.cfg, self.run = model_config, data, cfg, run
-        self.progress = progress
-        self.info, self.device = dist_.setup(dist_.resolve_device(cfg.device))
-        info, device = self.info, self.device
-
-        # -- model, EMA, optimizer (restored from the checkpoint when resuming) ----------------
-        torch.manual_seed(cfg.seed)
-        self.model = model = build(model_config).to(device)
-        model.configure_memory(cfg.checkpointing, cfg.reversible)
-        ckpt = run.load_checkpoint() if resume else None
-        if init_from and not ckpt:
-            init_weights(model, init_from)
-        elif not ckpt:  # data-dependent initialisation (the marginals' histograms)
-            model.init_from_data(init_images(data.x_train, cfg))
-        if ckpt:
-            check_same_model(ckpt["model_config"], model_config, run)
-            model.load_state_dict(ckpt["model"])
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
-        if ckpt:
-            self.ema.load_state_dict(ckpt["ema"])
-        self.sharded = info.enabled and cfg.parallel == "fsdp"
-        if self.sharded and cfg.reversible:
+        if cfg.parallel == "fsdp" and self.info.enabled and cfg.reversible:
             raise ValueError("--reversible rebuilds activations from whole parameters and does "
                              "not work with --parallel fsdp; use DDP or --checkpointing block")
-        self.net = dist_.wrap(model, info, cfg.parallel, device)  # what the forward runs
-        if self.sharded:
+        if not self.spec.resume:
+            check_new_run_dir(self.run)
+        if self.info.main:
+            self.run.check_writable()
+
+    def _read_checkpoint(self) -> Checkpoint | None:
+        """When resuming: the run's newest verified checkpoint, checked to hold this model and
+        a training state."""
+        if not self.spec.resume:
+            return None
+        ckpt = self.run.load_checkpoint()
+        ckpt.check_resumable(str(self.run.checkpoint_path))
+        check_same_model(ckpt.model_config, self.model_config, self.run)
+        return ckpt
+
+    def _build_models(self, initialise: bool) -> tuple[Flow, Flow]:
+        """The model (seeded; started from ``init_from`` or from the data unless a checkpoint
+        will be restored) and its EMA copy."""
+        torch.manual_seed(self.cfg.seed)
+        model = build(self.model_config).to(self.device)
+        model.configure_memory(self.cfg.checkpointing, self.cfg.reversible)
+        if initialise and self.spec.init_from:
+            copy_weights(model, self.spec.init_from)
+        elif initialise:  # data-dependent initialisation (the marginals' histograms)
+            model.init_from_data(init_images(self.data.x_train, self.cfg))
+        return model, copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _build_parallel(self) -> tuple[torch.nn.Module, bool]:
+        """What the forward runs (DDP, FSDP2 or the model itself); the EMA is sharded like the
+        model under FSDP2."""
+        sharded = self.info.enabled and self.cfg.parallel == "fsdp"
+        net = dist_.wrap(self.model, self.info, self.cfg.parallel, self.device)
+        if sharded:
             dist_.shard(self.ema)
-        self.opt = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=not self.sharded)
-        self.state = TrainState()
-        if ckpt:
-            dist_.load_optimizer_state(self.opt, ckpt["optimizer"])
-            self.state = TrainState.from_checkpoint(ckpt)
-            if cfg.steps < self.state.step:
-                raise ValueError(f"the run in {run.path} has already done {self.state.step} "
-                                 f"steps; --steps {cfg.steps} would train nothing (give more "
-                                 "steps to extend it)")
+        return net, sharded
 
-        # -- run directory: resolved config, metrics cut back to the checkpoint ---------------
-        self.resolved = {"model": model_config.to_dict(), "train": cfg.to_dict(),
-                         "data": {"spec": data_spec or data.name, "name": data.name,
-                                  "train_images": len(data.x_train),
-                                  "test_images": len(data.x_test),
-                                  **({"options": data_options} if data_options else {})},
-                         "transflow_version": __version__}
-        if info.enabled:
-            self.resolved["processes"] = info.world
-        if info.main:
-            run.check_writable()
-            run.write_config(self.resolved)
-            run.truncate_metrics(self.state.step)
-
-        # -- how the step runs --------------------------------------------------------------
+    def _build_step(self) -> tuple[Any, torch.nn.Module]:
+        """The autocast context (bf16 on CUDA by default) and the (compiled) forward."""
+        cfg, device = self.cfg, self.device
         use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
-                         else nullcontext())
-        self.forward = torch.compile(self.net) if cfg.compile else self.net
-        self.trackers = (make_trackers(run.path, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-                                       config=self.resolved, resume=resume)
-                         if info.main else [])
-        self.step_flops = train_flops(model_config)  # per image; model_tflops / peak = MFU
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+                    else nullcontext())
+        return autocast, torch.compile(self.net) if cfg.compile else self.net
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self, elapsed: float) -> Checkpoint:
+        """The checkpoint of this moment (``elapsed``: seconds trained). Gathering sharded
+        tensors is collective: every rank calls it."""
+        s = self.state
+        return Checkpoint(step=s.step, model=dist_.full_state_dict(self.model),
+                          ema=dist_.full_state_dict(self.ema),
+                          optimizer=dist_.full_optimizer_state(self.opt),
+                          model_config=self.model_config.to_dict(),
+                          train_config=self.cfg.to_dict(), data_spec=self.resolved["data"]["spec"],
+                          bad_steps=s.bad_steps, elapsed=elapsed, log_window=s.window)
+
+    def load_state_dict(self, ckpt: Checkpoint) -> None:
+        """Restore weights, EMA, optimizer state and counters (sharded parts included)."""
+        dist_.load_full_state_dict(self.model, ckpt.model)
+        dist_.load_full_state_dict(self.ema, ckpt.ema)
+        dist_.load_optimizer_state(self.opt, ckpt.optimizer)
+        self.state = TrainState.from_checkpoint(ckpt)
+        if self.cfg.steps < self.state.step:
+            raise ValueError(f"the run in {self.run.path} has already done {self.state.step} "
+                             f"steps; --steps {self.cfg.steps} would train nothing (give more "
+                             "steps to extend it)")
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor | None, stop_requested: bool,
@@ -505,17 +485,11 @@ class Trainer:
 
     def save_checkpoint(self, elapsed: float) -> None:
         """Gathering sharded tensors is collective: every rank calls this, rank 0 writes."""
-        s = self.state
-        state = {"format": 1, "step": s.step, "model": dist_.full_state_dict(self.model),
-                 "ema": dist_.full_state_dict(self.ema),
-                 "optimizer": dist_.full_optimizer_state(self.opt),
-                 "model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
-                 "data_spec": self.resolved["data"]["spec"], "bad_steps": s.bad_steps,
-                 "elapsed": elapsed, "log_window": s.window}
+        ckpt = self.state_dict(elapsed)
         if self.info.main:
-            self.run.save_checkpoint(state)
+            self.run.save_checkpoint(ckpt)
             if self.cfg.keep_checkpoints:
-                self.run.keep_checkpoint(s.step, self.cfg.keep_checkpoints)
+                self.run.keep_checkpoint(ckpt.step, self.cfg.keep_checkpoints)
         dist_.barrier()
 
     def save_snapshot(self, step: int) -> None:
@@ -574,11 +548,33 @@ def train(model_config: FlowConfig, data: ImageData | Dataset, cfg: TrainConfig,
     ``(uint8 image [C, H, W] or [H, W, C], label)`` (every 10th item is held out for test; see
     :func:`transflow.data.from_datasets` to give a test set).
 
-    With ``resume=True`` the run continues from ``run_dir/checkpoint.pt``. ``init_from`` (a
-    model directory, file or run directory) initialises the weights from a pretrained model with
-    a fresh optimizer and schedule."""
-    return Trainer(model_config, data, cfg, RunDir(run_dir), data_spec=data_spec,
-                   resume=resume, init_from=init_from, progress=progress).fit()
+    The rules are the CLI's: a directory that already holds a run is refused unless
+    ``resume=True``; a resume continues the run as it was configured, where ``cfg`` may change
+    only the settings of :data:`~transflow.training.recipe.RESUMABLE` (any other difference
+    from the run's ``config.json`` is refused, naming it). ``init_from`` (a model directory,
+    file or run directory) initialises the weights of a new run from a pretrained model with a
+    fresh optimizer and schedule."""
+    run = RunDir(run_dir)
+    data = as_image_data(data, model_config)
+    given = complete(RunSpec(model_config, cfg, DataSpec(data_spec)), data)
+    if not resume:
+        spec = dataclasses.replace(given, init_from=init_from)
+    else:
+        saved = read_run(run)
+        request = RunRequest(data=data_spec or None, init_from=init_from,
+                             train=changed_fields(saved.train, given.train),
+                             model=changed_fields(saved.model, model_config))
+        spec = resume_run(run, request, saved)
+    return Trainer(spec, data, run, progress=progress).fit()
+
+
+def as_image_data(data: ImageData | Dataset, model_config: FlowConfig) -> ImageData:
+    """``data`` as an :class:`ImageData` (map-style datasets wrapped with the model's levels
+    and classes)."""
+    if isinstance(data, ImageData):
+        return data
+    return from_datasets(data, num_levels=model_config.num_levels,
+                         num_classes=model_config.num_classes or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,46 +598,3 @@ def check_same_model(saved: dict[str, Any], config: FlowConfig, run: RunDir) -> 
                           for k in diff[:3])
         raise ValueError(f"the checkpoint in {run.path} holds a different model ({shown}); "
                          f"resume with the model config of {run.config_path}")
-
-
-def grid_labels(config: FlowConfig, per_class: int = 8) -> tuple[Tensor | None, int, int]:
-    """The images of a training sample grid: labels (one row per class, at most 10 classes;
-    None for unconditional models), the number of images and the row length."""
-    if config.num_classes:
-        classes = min(config.num_classes, 10)
-        return torch.arange(classes).repeat_interleave(per_class), classes * per_class, per_class
-    return None, 64, 8
-
-
-@torch.no_grad()
-def save_sample_grid(model: Flow, path: Path, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Write a PNG grid of samples drawn by the one sampler with ``seed`` (image ``i`` from seed
-    ``seed + i``, as ``transflow sample``): one row per class for conditional models, else
-    8x8. Returns the grid ``uint8 [H, W, C]`` and how many samples were not finite (drawn
-    mid grey)."""
-    cfg = model.config
-    y, n, nrow = grid_labels(cfg)
-    x = model.sample(n, y, seed=seed)
-    bad = nonfinite_images(x)
-    x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
-    pixels = levels_to_pixels(unit_to_levels(x, cfg.num_levels), cfg.num_levels)
-    scale = max(1, 128 // (cfg.image_size * nrow) + 1) if cfg.image_size < 32 else 1
-    mosaic = grid(pixels, nrow=nrow)
-    save_png(mosaic, path, upscale=scale)
-    return mosaic, bad
-
-
-def init_weights(model: Flow, source: str) -> None:
-    """``--init-from``: copy every tensor of a pretrained model (names and shapes must match)."""
-    pre = load(source)
-    mine, theirs = model.state_dict(), pre.state_dict()
-    for k, v in mine.items():
-        if k not in theirs:
-            raise ValueError(f"--init-from {source}: the pretrained model has no tensor {k!r}")
-        if theirs[k].shape != v.shape:
-            raise ValueError(f"--init-from {source}: tensor {k!r} has shape "
-                             f"{list(theirs[k].shape)} there but {list(v.shape)} here")
-    extra = sorted(set(theirs) - set(mine))
-    if extra:
-        raise ValueError(f"--init-from {source}: unexpected tensor {extra[0]!r}")
-    model.load_state_dict(theirs)

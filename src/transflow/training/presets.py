@@ -1,7 +1,7 @@
 """Named recipes: the published architectures and small ones for CPU runs, as typed objects.
 
 A :class:`Preset` is a model config plus the training settings it comes with (a
-:class:`~transflow.recipe.TrainConfig`; flags override both). ``get_config("tarflow-afhq256")``
+:class:`~transflow.training.recipe.TrainConfig`; flags override both). ``get_config("tarflow-afhq256")``
 returns the model config; keyword overrides change fields. The published ones follow the papers
 (TarFlow patch-width-blocks-layers, Jet couplings/depth/width). When training, the data set
 replaces image size, channels, classes and levels.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .flows import FlowConfig, JetConfig, TarFlowConfig, config_from_dict
+from ..flows import FlowConfig, JetConfig, TarFlowConfig, config_from_dict
 from .recipe import TrainConfig
 
 
