@@ -14,7 +14,7 @@ from pathlib import Path
 MODULES = [
     "transflow", "transflow.flows", "transflow.flows.base", "transflow.flows.tarflow",
     "transflow.flows.jet", "transflow.flows.guidance", "transflow.flows.solvers",
-    "transflow.flows.sampler", "transflow.flows.distribution", "transflow.flows.pretrained",
+    "transflow.flows.sample_options", "transflow.flows.sampler", "transflow.flows.distribution", "transflow.flows.pretrained",
     "transflow.likelihood", "transflow.atomic", "transflow.rundir", "transflow.checkpoints",
     "transflow.recipe", "transflow.batches", "transflow.train", "transflow.sampling",
     "transflow.evaluate", "transflow.fid", "transflow.data", "transflow.distributed",
