@@ -15,7 +15,7 @@ MODULES = [
     "transflow", "transflow.likelihood", "transflow.atomic",
     "transflow.flows", "transflow.flows.base", "transflow.flows.tarflow",
     "transflow.flows.jet", "transflow.flows.guidance", "transflow.flows.solvers",
-    "transflow.flows.sampler", "transflow.flows.distribution", "transflow.flows.pretrained",
+    "transflow.flows.sample_options", "transflow.flows.sampler", "transflow.flows.distribution", "transflow.flows.pretrained",
     "transflow.distributed", "transflow.sampling",
     "transflow.data", "transflow.data.sources", "transflow.data.prepared_set",
     "transflow.io", "transflow.io.rundir", "transflow.io.checkpoint", "transflow.io.models",

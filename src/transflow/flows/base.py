@@ -356,8 +356,9 @@ class Flow(nn.Module):
     def sample(self, n: int, y: Tensor | int | Sequence[int] | None = None,
                **options: Any) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` (model range): the one sampler,
-        :func:`transflow.flows.sampler.sample` (``options``: temperature, guidance, method,
-        denoise, seed or generator, ...)."""
+        :func:`transflow.flows.sampler.sample` (``options``: ``options=SampleOptions(...)``
+        and/or its fields by name, temperature, guidance, method, denoise, seed, ...; or
+        ``generator``)."""
         return sampler.sample(self, n, y=y, **options)
 
     def as_distribution(self, y: Tensor | int | None = None, temperature: float = 1.0

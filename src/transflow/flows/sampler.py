@@ -4,29 +4,25 @@ Direction: sampling draws ``z ~ N(0, temperature^2 * prior var)`` and inverts th
 ``x = f^{-1}(z)`` (latent -> data); optionally it then takes one score step (denoising,
 :func:`denoise`). The flow's own methods do the family-specific parts (``plan``, ``invert``,
 ``check_guidance``; see :class:`transflow.flows.Flow`), so this module imports no model module.
+
+The sampler takes one :class:`~transflow.flows.sample_options.SampleOptions`; :func:`prepare`
+resolves it once for a draw (labels, guidance, inversion plan), and :func:`sample` draws any run
+of that draw's images (``transflow.sampling.draw`` prepares once and samples batch by batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .guidance import Guidance
-from .solvers import (
-    DEFAULT_SEGMENTS,
-    DEFAULT_TOL,
-    STATIC_MODES,
-    AutoPlan,
-    SolveStats,
-    check_tol,
-    label_tensor,
-    sync,
-)
+from .guidance import Guidance, as_guidance
+from .sample_options import SampleOptions
+from .solvers import AutoPlan, SolveStats, label_tensor, sync
 
 
 def denoise(model: nn.Module, x: Tensor, y: Tensor | int | None = None, sigma: float | None = None,
@@ -109,104 +105,141 @@ def _noise(model: nn.Module, start: int, count: int, seed: int | None,
     return z.to(device=p.device, dtype=p.dtype)
 
 
-def static_mode(compile: bool | str, device: torch.device) -> str | None:
-    """``sample(compile=...)`` -> the static mode of the sequential step (None: the plain
-    loop): ``True`` picks a CUDA graph on CUDA and ``torch.compile`` elsewhere."""
+def static_mode(compile: bool | str | None, device: torch.device) -> str | None:
+    """``SampleOptions.compile`` -> the static mode of the sequential step (None: the plain
+    loop): ``True`` picks a CUDA graph on CUDA and ``torch.compile`` elsewhere; a mode name is
+    itself (checked by :class:`SampleOptions`)."""
     if compile is True:
         return "graph" if device.type == "cuda" else "compile"
-    if compile is False or compile is None:
-        return None
-    if compile not in STATIC_MODES:
-        raise ValueError(f"compile must be a bool or one of {STATIC_MODES}, got {compile!r}")
-    return compile
+    return None if compile is False or compile is None else compile
 
 
-def sample(model: nn.Module, n: int, *, y: Tensor | int | Sequence[int] | None = None,
-           temperature: float = 1.0, guidance: float | Guidance = 0.0, guide: str = "both",
-           anneal: bool = False, attn_temp: float = 1.0, formula: str = "cfg",
-           method: str | Sequence[str] = "sequential", segments: int = DEFAULT_SEGMENTS,
-           tol: float = DEFAULT_TOL, max_iters: int | None = None, denoise: bool = False,
-           sigma: float | None = None, seed: int | None = None,
-           generator: torch.Generator | None = None, batch_size: int | None = None,
-           compile: bool | str = False, progress: bool = False,
-           return_result: bool = False) -> Tensor | SampleResult:
-    """Draw ``n`` images ``[n, C, H, W]`` (model range) from a flow: the one sampler (behind
-    ``Flow.sample``, the training grids, ``transflow sample`` and ``eval fid``).
-
-    ``y``: one label for all, ``[n]`` labels, or None (``-1``/None = the null class of a
-    conditional model); ``temperature``: prior scale; ``guidance`` (weight ``w >= 0``),
-    ``guide``, ``anneal``, ``attn_temp`` (of the unconditional branch; only acts through
-    guidance), ``formula``: see :class:`Guidance`. ``method`` (TarFlow): ``sequential``,
-    ``jacobi``, ``gs`` (``segments`` per block), ``selective``, ``auto`` or a per-block plan
-    (see :func:`resolve_plan`), iterating to ``tol`` / ``max_iters``. ``denoise``: one score step
-    with ``sigma`` (default ``config.noise_std``). ``seed``: image ``i`` uses its own generator
-    seeded ``seed + i``, so an image does not depend on ``batch_size``; else ``generator`` (or the
-    global RNG) draws each batch. ``compile`` (TarFlow's sequential blocks): run the per-token
-    step with static shapes, captured as a CUDA graph on CUDA and ``torch.compile``-d elsewhere
-    (``True``), or the mode named (``"graph"``, ``"compile"``, ``"eager"``; see
-    :func:`~transflow.flows.solvers.static_sequential`). Returns the images, or a
-    :class:`SampleResult` when ``return_result``."""
-    t0 = time.perf_counter()
+def check_count(n: int) -> None:
+    """``ValueError`` unless ``n`` (a number of images) is a positive integer."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if isinstance(guidance, Guidance):
-        g_full = guidance
-    else:
-        g_full = Guidance(guidance, guide=guide, anneal=anneal, attn_temp=attn_temp,
-                          formula=formula)
-    if not g_full.active and g_full.attn_temp != 1.0:
-        raise ValueError("attn_temp acts only through guidance (it sets the unconditional "
-                         "branch); give a guidance weight > 0")
-    g = g_full if g_full.active else None
-    if batch_size is None:
-        batch_size = min(n, 64)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
-    if seed is not None and (not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    check_tol(tol, max_iters)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A draw of ``n`` images, resolved once by :func:`prepare`: its ``options``, the ``labels``
+    ``[n]`` as the models take them (``-1``: null class; None for an unconditional model), the
+    ``guidance`` (None: unguided), the inversion ``plan`` (model order; None: the family has no
+    plans) and its measurement ``auto``, the ``static`` mode of TarFlow's sequential steps and
+    whether to ``denoise``."""
+
+    options: SampleOptions
+    n: int
+    labels: Tensor | None
+    guidance: Guidance | None
+    plan: list[str] | None
+    auto: AutoPlan | None
+    static: str | None
+    denoise: bool
+
+
+def prepare(model: nn.Module, options: SampleOptions, n: int,
+            y: Tensor | int | Sequence[int] | None = None) -> Prepared:
+    """Resolve ``options`` once for drawing ``n`` images from ``model`` with labels ``y`` (one
+    for all, ``[n]``, or None; ``-1``/None = the null class of a conditional model): the labels
+    checked, the guidance built, the inversion plan resolved (``method="auto"`` measures batches
+    of ``min(batch_size, n)``); ``ValueError`` for what the model cannot do."""
+    check_count(n)
+    denoise = options.denoises(model)
     if denoise:
         _check_denoisable(model)
-    static = static_mode(compile, next(model.parameters()).device)
+    static = static_mode(options.compile, next(model.parameters()).device)
     mapped = model.check_labels(label_tensor(y, n), n)  # validates; null -> num_classes
     labels = None  # as the models take them: -1 for the null class
     if mapped is not None:
         labels = torch.where(mapped == model.config.num_classes, -1, mapped)
-
-    plan, auto = model.plan(method, segments=segments, batch_size=min(batch_size, n), y=labels,
-                            guidance=g, tol=tol, max_iters=max_iters)
+    g = as_guidance(options.guidance_rule())
+    plan, auto = model.plan(options.method, segments=options.segments,
+                            batch_size=min(options.batch_size, n), y=labels, guidance=g,
+                            tol=options.tol, max_iters=options.max_iters)
     model.check_guidance(g)
+    return Prepared(options, n, labels, g, plan, auto, static, denoise)
 
-    var = model.prior_var()
-    images, stats = [], []
-    from tqdm.auto import tqdm
 
-    with tqdm(total=n, unit="img", disable=not progress, desc="sampling") as bar:
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            z = _noise(model, start, count, seed, generator) * temperature
-            if var is not None:
-                z = z * var.sqrt().to(z.dtype)
-            yb = None if labels is None else labels[start:start + count]
-            with torch.inference_mode():
-                x, st = model.invert(z, yb, plan=plan, guidance=g, tol=tol, max_iters=max_iters,
-                                     static=static)
-            if st:
-                stats.append(st)
-            if denoise:
-                x = _score_step(model, x, yb, sigma, 64)
-            else:
-                x = x.clone()  # a normal tensor, not an inference-mode one
-            images.append(x)
-            bar.update(count)
+def sample(model: nn.Module, n: int, y: Tensor | int | Sequence[int] | None = None, *,
+           options: SampleOptions | None = None, prepared: Prepared | None = None,
+           first: int = 0, generator: torch.Generator | None = None, progress: bool = False,
+           return_result: bool = False, **fields: Any) -> Tensor | SampleResult:
+    """Draw ``n`` images ``[n, C, H, W]`` (model range) from a flow: the one sampler (behind
+    ``Flow.sample``, the training grids, ``transflow sample`` and ``eval fid``).
+
+    ``y``: one label for all, ``[n]`` labels, or None (then ``options.label``; ``-1``/None =
+    the null class of a conditional model). ``options``: a :class:`SampleOptions` (temperature,
+    guidance, method, denoising, seed, batch size, ...); ``fields``: any of its fields by name,
+    replacing those of ``options`` or, without it, the defaults of this call (no seed, no
+    denoising). With a seed, image ``i`` is drawn from its own generator seeded ``seed + i``, so
+    it does not depend on the batch size; with ``seed=None``, ``generator`` (or the global RNG)
+    draws each batch. ``prepared``: a draw resolved by :func:`prepare`; this call then draws its
+    images ``first .. first + n - 1`` and takes no ``y``, ``options`` or fields. Returns the
+    images, or a :class:`SampleResult` when ``return_result``."""
+    t0 = time.perf_counter()
+    check_count(n)
+    opts = prepared.options if prepared is not None else _call_options(options, fields)
+    if opts.seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if prepared is None:
+        prepared = prepare(model, opts, n, y if y is not None else opts.label)
+    elif y is not None or options is not None or fields:
+        raise ValueError("a prepared draw has its labels and options; give them to prepare()")
+    if not (isinstance(first, int) and 0 <= first <= prepared.n - n):
+        raise ValueError(f"images {first}..{first + n - 1} are not in the prepared draw of "
+                         f"{prepared.n}")
+    images, stats = _draw_batches(model, prepared, first, n, generator, progress)
     out = torch.cat(images)
     if not return_result:
         return out
     sync(out.device)  # the reported seconds include the queued GPU work
-    shown = None if labels is None else labels.cpu()
-    return SampleResult(out, shown, plan, stats, time.perf_counter() - t0, auto)
+    labels = None if prepared.labels is None else prepared.labels[first:first + n].cpu()
+    return SampleResult(out, labels, prepared.plan, stats, time.perf_counter() - t0,
+                        prepared.auto)
+
+
+def _call_options(options: SampleOptions | None, fields: dict[str, Any]) -> SampleOptions:
+    """``options`` with ``fields`` replaced; without ``options``, ``sample()``'s defaults (those
+    of the flags, but no seed and no denoising) with ``fields``."""
+    if options is None:
+        return SampleOptions(**({"seed": None, "denoise": False} | fields))
+    return dataclasses.replace(options, **fields) if fields else options
+
+
+def _draw_batches(model: nn.Module, p: Prepared, first: int, n: int,
+                  generator: torch.Generator | None, progress: bool
+                  ) -> tuple[list[Tensor], list[list[SolveStats]]]:
+    """Images ``first .. first + n - 1`` of the draw ``p`` in batches of ``batch_size``: the
+    batches ``[b, C, H, W]`` and, per batch, the per-block solver statistics."""
+    from tqdm.auto import tqdm
+
+    size, var = p.options.batch_size, model.prior_var()
+    images, stats = [], []
+    with tqdm(total=n, unit="img", disable=not progress, desc="sampling") as bar:
+        for start in range(first, first + n, size):
+            count = min(size, first + n - start)
+            yb = None if p.labels is None else p.labels[start:start + count]
+            x, st = _draw_batch(model, p, start, count, yb, generator, var)
+            if st:
+                stats.append(st)
+            images.append(x)
+            bar.update(count)
+    return images, stats
+
+
+def _draw_batch(model: nn.Module, p: Prepared, start: int, count: int, y: Tensor | None,
+                generator: torch.Generator | None, var: Tensor | None
+                ) -> tuple[Tensor, list[SolveStats]]:
+    """Images ``start .. start + count - 1``: latents (temperature, prior variance ``var``),
+    the inverse with the plan, then the score step if denoising; ``([count, C, H, W], stats)``."""
+    o = p.options
+    z = _noise(model, start, count, o.seed, generator) * o.temperature
+    if var is not None:
+        z = z * var.sqrt().to(z.dtype)
+    with torch.inference_mode():
+        x, st = model.invert(z, y, plan=p.plan, guidance=p.guidance, tol=o.tol,
+                             max_iters=o.max_iters, static=p.static)
+    if p.denoise:
+        return _score_step(model, x, y, o.sigma, 64), st
+    return x.clone(), st  # a normal tensor, not an inference-mode one
