@@ -17,9 +17,9 @@ MODULES = [
     "transflow.flows.sampler", "transflow.flows.distribution", "transflow.flows.pretrained",
     "transflow.likelihood", "transflow.atomic", "transflow.rundir", "transflow.checkpoints",
     "transflow.recipe", "transflow.batches", "transflow.train", "transflow.sampling",
-    "transflow.evaluate", "transflow.fid", "transflow.data", "transflow.distributed",
-    "transflow.presets", "transflow.trackers", "transflow.flops", "transflow.interop",
-    "transflow.interop.tarflow_original", "transflow.interop.jet_bigvision",
+    "transflow.evaluate", "transflow.fid", "transflow.data", "transflow.imageinputs",
+    "transflow.distributed", "transflow.presets", "transflow.trackers", "transflow.flops",
+    "transflow.interop", "transflow.interop.tarflow_original", "transflow.interop.jet_bigvision",
 ]
 
 
