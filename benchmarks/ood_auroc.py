@@ -24,7 +24,8 @@ from _results import emit
 from PIL import Image
 
 import transflow
-from transflow.data import pil_to_array
+from transflow.data.image_inputs import read_npz_split
+from transflow.data.imagefiles import pil_to_array
 from transflow.evaluation.bpd import auroc, per_image_bpd
 
 
@@ -38,10 +39,9 @@ def main() -> None:
     model = transflow.load(a.model).eval()
     c = model.config
     d = Path(a.data_dir)
-    with np.load(d / "mnist.npz") as f:
-        mnist = torch.from_numpy(f["x_test"][: a.n].transpose(0, 3, 1, 2).copy())
-    with np.load(d / "cifar10_subset.npz") as f:
-        cifar_rgb = f["x_test"][: a.n]
+    mnist = torch.from_numpy(read_npz_split(d / "mnist.npz", "test")[: a.n]
+                             .transpose(0, 3, 1, 2).copy())
+    cifar_rgb = read_npz_split(d / "cifar10_subset.npz", "test")[: a.n]
     cifar = torch.from_numpy(np.stack([pil_to_array(Image.fromarray(im), c.image_size, 1)
                                        for im in cifar_rgb]))
     noise = torch.randint(0, 256, mnist.shape, generator=torch.Generator().manual_seed(0),

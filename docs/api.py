@@ -17,7 +17,7 @@ MODULES = [
     "transflow.flows.jet", "transflow.flows.guidance", "transflow.flows.solvers",
     "transflow.flows.sample_options", "transflow.flows.sampler", "transflow.flows.distribution", "transflow.flows.pretrained",
     "transflow.distributed", "transflow.sampling",
-    "transflow.data", "transflow.data.sources", "transflow.data.prepared_set",
+    "transflow.data", "transflow.data.sources", "transflow.data.image_inputs", "transflow.data.prepared_set",
     "transflow.io", "transflow.io.rundir", "transflow.io.checkpoint", "transflow.io.models",
     "transflow.io.hub", "transflow.interop", "transflow.interop.tarflow_original",
     "transflow.interop.jet_bigvision",

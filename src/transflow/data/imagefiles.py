@@ -1,7 +1,7 @@
 """Image files -> ``uint8 [C, S, S]`` arrays: listing a folder, reading headers, converting colour
-modes explicitly and resizing as the original code bases do. Used by :mod:`transflow.data`
-(folders loaded in memory) and :mod:`transflow.data.prepare` (folders written to disk), so both give
-the same arrays.
+modes explicitly and resizing as the original code bases do. Used by
+:mod:`transflow.data.image_inputs` (image files and folders read in memory) and
+:mod:`transflow.data.prepare` (folders written to disk), so both give the same arrays.
 
 Folder layouts (:func:`list_folder`): one subfolder per class (sorted names are classes
 0..K-1), or a flat folder (unlabelled); ``DIR/train`` and ``DIR/test`` are the splits when both

@@ -1,6 +1,6 @@
 """``transflow prepare SRC OUT``: turn an image folder, an ``.npz`` (or ``digits``) or a Hugging
-Face dataset into a prepared data set on disk (layout: :mod:`transflow.data.prepared_set`), once, so that
-training reads it by index instead of decoding and holding it at every launch.
+Face dataset into a prepared data set on disk (layout: :mod:`transflow.data.prepared_set`),
+once, so that training reads it by index instead of decoding and holding it at every launch.
 
 Phases: **plan** (list the source, fix size and channels, check OUT), **decode** (worker
 processes decode and resize images in order; results are appended in chunks, each chunk fsynced

@@ -6,7 +6,8 @@ Every source becomes an :class:`ImageData`: images ``uint8 [N, C, H, W]`` holdin
 object indexed like one (:mod:`transflow.data.arrays`: a prepared set's ``.npy`` files, a map-style
 dataset), so a set larger than memory is never loaded. Dequantization happens later, per batch.
 
-Sources (``load_data(spec)``):
+Sources (``load_data(spec)``; ``.npz`` files and image folders are read by
+:mod:`transflow.data.image_inputs`):
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 17 levels, 10 classes). Split: a
   permutation of the 1797 indices with ``numpy.random.default_rng(0)``; the first 360 are the test
@@ -19,7 +20,8 @@ Sources (``load_data(spec)``):
   skipped with a warning and counted, or raise in ``strict`` mode. Decoded at every load: for
   large folders run ``transflow prepare`` once.
 - ``hf:NAME[:CONFIG]`` or ``hf:PATH`` (a ``save_to_disk`` directory): a Hugging Face dataset
-  (optional extra ``hf``), splits and label column chosen by :class:`transflow.data.huggingface.HFOptions`.
+  (optional extra ``hf``), splits and label column chosen by
+  :class:`transflow.data.huggingface.HFOptions`.
 
 :func:`from_datasets` wraps map-style ``torch.utils.data.Dataset`` objects.
 """
@@ -37,19 +39,11 @@ from torch import Tensor
 
 from .arrays import DatasetImages, dataset_labels
 from .huggingface import HFOptions, columns, example_image, open_splits
-from .imagefiles import (
-    IMAGE_SUFFIXES,
-    RESIZE_MODES,
-    decode_any,
-    decode_file,
-    looks_like_image,
-    pil_to_array,
-    plan_folder,
-)
+from .image_inputs import DatasetArrays, read_folder_dataset, read_npz_dataset
+from .imagefiles import RESIZE_MODES, decode_any
 from .prepared_set import is_prepared, is_unfinished, open_split, read_manifest
 
-__all__ = ["ImageData", "load_data", "from_datasets", "pil_to_array", "IMAGE_SUFFIXES",
-           "HFOptions"]
+__all__ = ["ImageData", "load_data", "from_datasets", "HFOptions"]
 
 
 @dataclasses.dataclass
@@ -160,110 +154,42 @@ def _digits() -> ImageData:
                      num_classes=10)
 
 
-def _npz(path: Path) -> ImageData:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    missing = [k for k in ("x_train", "x_test") if k not in arrays]
-    if missing:
-        raise ValueError(f"{path} lacks array(s) {', '.join(missing)} (expected x_train, "
-                         "y_train, x_test, y_test)")
+def _tensors(arrays: DatasetArrays) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """``x`` ``uint8 [N, C, H, W]`` and ``y`` ``int64 [N]`` (or None) tensors of both splits."""
 
-    def images(k: str) -> Tensor:
-        a = arrays[k]
-        if a.dtype != np.uint8:
-            raise ValueError(f"{path}: {k} must be uint8, got {a.dtype}")
-        if a.ndim == 3:
-            a = a[..., None]
-        if a.ndim != 4:
-            raise ValueError(f"{path}: {k} must be [N, H, W, C], got shape {list(a.shape)}")
+    def images(a: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
 
-    def labels(k: str) -> Tensor | None:
-        if k not in arrays:
-            return None
-        a = arrays[k].reshape(-1)
-        if a.dtype.kind == "f":
-            bad = a[~np.isfinite(a) | (a != np.round(a))] if a.size else a
-            if bad.size:
-                raise ValueError(f"{path}: {k} holds non-integer labels (found {bad[0]!r}); "
-                                 "labels must be integers 0..K-1")
-        elif a.dtype.kind not in "iub":
-            raise ValueError(f"{path}: {k} must hold integer labels, got dtype {a.dtype}")
-        return torch.from_numpy(a.astype(np.int64))
+    def labels(a: np.ndarray | None) -> Tensor | None:
+        return None if a is None else torch.from_numpy(a)
 
-    y_train, y_test = labels("y_train"), labels("y_test")
-    if (y_train is None) != (y_test is None):
-        have, lack = ("y_train", "y_test") if y_test is None else ("y_test", "y_train")
-        raise ValueError(f"{path} has {have} but no {lack}: give labels for both splits, or "
-                         "neither (an unconditional model)")
-    k = 0
-    if y_train is not None and (len(y_train) or len(y_test)):
-        both = torch.cat([y_train, y_test])
-        lo = int(both.min())
-        if lo < 0:
-            raise ValueError(f"{path}: labels must be >= 0, found {lo}")
-        k = int(both.max()) + 1
-        used = torch.unique(both)
-        if len(used) < k:
-            empty = sorted(set(range(k)) - set(used.tolist()))
-            raise ValueError(f"{path}: the labels take {len(used)} distinct values but go up to "
-                             f"{k - 1}, so class(es) {empty[:5]} would have no images; renumber "
-                             f"the labels 0..{len(used) - 1}")
-    return ImageData(path.stem, images("x_train"), y_train, images("x_test"), y_test,
-                     num_levels=256, num_classes=k)
+    return (images(arrays.x_train), labels(arrays.y_train), images(arrays.x_test),
+            labels(arrays.y_test))
+
+
+def _npz(path: Path) -> ImageData:
+    arrays = read_npz_dataset(path)
+    return ImageData(path.stem, *_tensors(arrays), num_levels=256,
+                     num_classes=arrays.num_classes)
 
 
 def _folder(root: Path, image_size: int | None, channels: int | None, strict: bool,
             resize: str) -> ImageData:
-    plan = plan_folder(root, image_size, channels, strict)
-    listing, notes = plan.listing, list(plan.notes)
-
-    def read(files: list[Path], labels: list[int]
-             ) -> tuple[list[np.ndarray], list[int], int, int]:
-        images, kept, unreadable, other = [], [], 0, 0
-        for f, lab in zip(files, labels or [0] * len(files), strict=True):
-            if not looks_like_image(f) and not strict:
-                other += 1
-                continue
-            try:
-                a, _ = decode_file(f, plan.size, plan.channels, resize)
-            except Exception as e:
-                if strict:
-                    raise ValueError(f"cannot read image {f}: {e}") from e
-                unreadable += 1
-                continue
-            images.append(a)
-            kept.append(lab)
-        return images, kept, unreadable, other
-
-    im_tr, y_tr, u_tr, o_tr = read(listing.train, listing.train_labels)
-    im_te, y_te, u_te, o_te = read(listing.test, listing.test_labels)
-    unreadable, other = u_tr + u_te, o_tr + o_te
-    if unreadable or other:
-        notes.append(f"skipped {unreadable + other} file(s): {unreadable} unreadable image(s), "
-                     f"{other} with no image suffix")
-    if notes:
-        warnings.warn(f"{root}: {'; '.join(notes)}", stacklevel=3)
-    if not im_tr or not im_te:
+    arrays = read_folder_dataset(root, image_size, channels, strict, resize)
+    if arrays.notes:
+        warnings.warn(f"{root}: {'; '.join(arrays.notes)}", stacklevel=3)
+    if not len(arrays.x_train) or not len(arrays.x_test):
         raise ValueError(f"image folder {root}: no readable images in the "
-                         f"{'train' if not im_tr else 'test'} split")
-    classes = listing.classes
+                         f"{'train' if not len(arrays.x_train) else 'test'} split")
+    classes = arrays.classes
     if classes:
-        empty = [c for i, c in enumerate(classes) if i not in set(y_tr)]
+        present = set(arrays.y_train.tolist())
+        empty = [c for i, c in enumerate(classes) if i not in present]
         if empty:
             raise ValueError(f"image folder {root}: class folder(s) {empty[:3]} have no readable "
                              "training images")
-
-    def stack(ims: list[np.ndarray]) -> Tensor:
-        return torch.from_numpy(np.stack(ims))
-
-    labelled = bool(classes)
-    return ImageData(root.name, stack(im_tr), torch.tensor(y_tr) if labelled else None,
-                     stack(im_te), torch.tensor(y_te) if labelled else None, num_levels=256,
-                     num_classes=len(classes), skipped=unreadable + other, classes=classes)
+    return ImageData(root.name, *_tensors(arrays), num_levels=256, num_classes=len(classes),
+                     skipped=arrays.skipped, classes=classes)
 
 
 def _huggingface(name: str, image_size: int | None, channels: int | None, resize: str,

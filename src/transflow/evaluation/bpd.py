@@ -22,17 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.sources import pil_to_array
+from ..data.image_inputs import SCORE_KEYS, read_image, read_npz_images
 from ..distributed import SINGLE, DistInfo, all_reduce_sum
 from ..flows import Flow
 from ..likelihood import bits_per_dim, dequantize_uniform
-from ..sampling import SampleOptions
-from . import fid_metrics as fid
-from .fid import data_pixels, model_features
 
 ESTIMATORS = ("mean", "iw")
-__all__ = ["per_image_bpd", "evaluate_bpd", "auroc", "load_images_as_levels", "model_fid",
-           "data_pixels"]
+__all__ = ["per_image_bpd", "evaluate_bpd", "auroc", "load_images_as_levels"]
 
 
 @torch.no_grad()
@@ -132,8 +128,8 @@ def auroc(scores_in: Tensor | np.ndarray, scores_out: Tensor | np.ndarray) -> fl
 
 def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Tensor, list[str]]:
     """Image files (or ``.npz`` files with ``x_test``/``x``/``images`` arrays ``[N, H, W, C]``) ->
-    levels ``[N, C, H, W]`` for ``model``: converted to its channels, centre-cropped and resized
-    to its size, and 8-bit values mapped to its ``K`` levels by ``floor(v * K / 256)``.
+    levels ``uint8 [N, C, H, W]`` for ``model``: converted to its channels, centre-cropped and
+    resized to its size, and 8-bit values mapped to its ``K`` levels by ``floor(v * K / 256)``.
     Returns the levels and a name per image."""
     cfg = model.config
     arrays, names = [], []
@@ -141,45 +137,19 @@ def load_images_as_levels(paths: Sequence[str | Path], model: Flow) -> tuple[Ten
         if not p.exists():
             raise ValueError(f"image {p} not found")
         if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as f:
-                key = next((k for k in ("x_test", "x", "images") if k in f.files), None)
-                if key is None:
-                    raise ValueError(f"{p} has none of the arrays x_test, x, images")
-                a = f[key]
-            if a.ndim == 3:
-                a = a[..., None]
-            if a.dtype != np.uint8 or a.shape[1:] != (cfg.image_size, cfg.image_size,
-                                                      cfg.channels):
+            key, a = read_npz_images(p, SCORE_KEYS)
+            if a.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
                 raise ValueError(f"{p}:{key} must be uint8 [N, {cfg.image_size}, "
                                  f"{cfg.image_size}, {cfg.channels}], got {a.dtype} "
                                  f"{list(a.shape)}")
-            arrays.append(a.transpose(0, 3, 1, 2))
             names += [f"{p}[{i}]" for i in range(len(a))]
         else:
-            from PIL import Image
-
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    arrays.append(pil_to_array(im, cfg.image_size, cfg.channels)[None])
-            except Exception as e:
-                raise ValueError(f"cannot read image {p}: {e}") from e
+            a = read_image(p, cfg.image_size, cfg.channels)[None]
             names.append(str(p))
+        arrays.append(a.transpose(0, 3, 1, 2))
     if not arrays:
         raise ValueError("no images given")
     x = torch.from_numpy(np.concatenate(arrays))
     if cfg.num_levels != 256:
         x = (x.to(torch.int64) * cfg.num_levels // 256).to(torch.uint8)
     return x, names
-
-
-def model_fid(model: Flow, reference: fid.FeatureStats, n: int,
-              options: SampleOptions | None = None, *, inception=None,
-              device: str | torch.device = "cpu", progress: bool = False,
-              dist: DistInfo = SINGLE) -> float:
-    """FID of ``n`` samples of ``model`` against ``reference`` (:class:`transflow.evaluation.fid_metrics.
-    FeatureStats`), sampled as :func:`transflow.evaluation.fid.model_features` does (sharded under
-    ``torchrun``: every rank returns the FID of all ``n``)."""
-    stats, _, _ = model_features(model, n, options, inception=inception, device=device,
-                                 progress=progress, dist=dist)
-    return fid.fid_from_stats(stats, reference)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.imagefiles import IMAGE_SUFFIXES, decode_file
+from ..data.image_inputs import read_samples
 from ..data.sources import load_data
 from ..distributed import SINGLE, DistInfo
 from ..flows import Flow
@@ -26,7 +26,6 @@ from . import fid_metrics as fid
 
 #: the sample count of published FIDs (EDM, ADM, StyleGAN, TarFlow)
 LITERATURE_SAMPLES = 50_000
-SAMPLE_KEYS = ("arr_0", "samples", "images", "x", "x_test")
 
 
 def data_pixels(data_spec: str, split: str = "train", limit: int = 0,
@@ -41,34 +40,14 @@ def data_pixels(data_spec: str, split: str = "train", limit: int = 0,
 
 
 def sample_pixels(path: str | Path) -> np.ndarray:
-    """Images made elsewhere as ``uint8`` pixels: an ``.npz`` (the first of ``arr_0`` (ADM),
-    ``samples``, ``images``, ``x``, ``x_test``: ``[N, H, W, C]`` or ``[N, C, H, W]``) or a folder
-    of image files (sorted; decoded without resizing, grey or RGB)."""
+    """Images made elsewhere as pixels ``uint8 [N, H, W, C]``: an ``.npz`` (the first of
+    ``arr_0`` (ADM), ``samples``, ``images``, ``x``, ``x_test``: ``[N, H, W, C]`` or
+    ``[N, C, H, W]``) or a folder of image files (sorted; decoded without resizing, grey or
+    RGB); read by :func:`transflow.data.image_inputs.read_samples`."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{p} holds no image files")
-        arrays = []
-        for f in files:
-            try:
-                arrays.append(decode_file(f, None, None)[0])
-            except Exception as e:
-                raise ValueError(f"cannot read image {f}: {e}") from None
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise ValueError(f"{p}: the images differ in shape ({sorted(shapes)[:3]})")
-        return np.stack(arrays)
-    if p.suffix != ".npz" or not p.is_file():
+    if not p.is_dir() and (p.suffix != ".npz" or not p.is_file()):
         raise ValueError(f"--samples {p}: expected a folder of images or an .npz file")
-    with np.load(p, allow_pickle=False) as z:
-        key = next((k for k in SAMPLE_KEYS if k in z.files), None)
-        if key is None:
-            raise ValueError(f"{p} has none of the arrays {', '.join(SAMPLE_KEYS)}")
-        a = z[key]
-    if a.dtype != np.uint8 or a.ndim not in (3, 4):
-        raise ValueError(f"{p}: {key} must be uint8 [N, H, W, C], got {a.dtype} {list(a.shape)}")
-    return a
+    return read_samples(p)
 
 
 @dataclasses.dataclass

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..atomic import atomic_path
+from ..data.image_inputs import read_npz_split
 
 ENV_VAR = "TRANSFLOW_INCEPTION"
 FEATURE_DIM = 2048
@@ -519,13 +520,10 @@ def default_cache_dir() -> Path:
 
 
 def _load_split(data: str | os.PathLike[str] | ImageArray, split: str) -> ImageArray:
+    """``data`` itself, or the images ``x_{split}`` of the ``.npz`` it names."""
     if isinstance(data, (Tensor, np.ndarray)):
         return data
-    with np.load(data) as z:
-        key = f"x_{split}"
-        if key not in z:
-            raise ValueError(f"{data}: no array {key!r} (have {sorted(z.files)})")
-        return z[key]
+    return read_npz_split(data, split)
 
 
 def _data_hash(images: ImageArray) -> str:

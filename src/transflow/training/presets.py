@@ -1,8 +1,8 @@
 """Named recipes: the published architectures and small ones for CPU runs, as typed objects.
 
 A :class:`Preset` is a model config plus the training settings it comes with (a
-:class:`~transflow.training.recipe.TrainConfig`; flags override both). ``get_config("tarflow-afhq256")``
-returns the model config; keyword overrides change fields. The published ones follow the papers
+:class:`~transflow.training.recipe.TrainConfig`; flags override both).
+``get_config("tarflow-afhq256")`` returns the model config; keyword overrides change fields. The published ones follow the papers
 (TarFlow patch-width-blocks-layers, Jet couplings/depth/width). When training, the data set
 replaces image size, channels, classes and levels.
 """
