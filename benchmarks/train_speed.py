@@ -18,7 +18,8 @@ the same weights, checked to give the same ``(z, logdet)``, with the timed runs 
 ``speedup_*_same_run`` compares like with like on whatever machine this runs on. The process
 also measures its GEMM rate (2048^3 on CPU, 8192^3 on a GPU, in the step's precision) and reports
 the achieved model GFLOP/s (:mod:`transflow.training.flops`) as a fraction of it.
-``--device cuda`` runs on a GPU (peak GPU memory reported too); ``--amp bf16`` runs every step under bf16 autocast.
+``--device cuda`` runs on a GPU (peak GPU memory reported too); ``--amp bf16`` runs every step
+under bf16 autocast.
 Prints JSON and appends it to ``benchmarks/results/train_speed.jsonl``.
 
 Run: ``python benchmarks/train_speed.py [--shapes A B J] [--repeats 5] [--compile]

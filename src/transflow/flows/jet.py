@@ -93,7 +93,8 @@ class JetConfig(FlowConfig):
 
     def forward_flops(self) -> int:
         """Matrix-product FLOPs of one forward pass for one image (see
-        :mod:`transflow.training.flops`): every coupling's conditioner on all ``T`` tokens, bidirectional attention."""
+        :mod:`transflow.training.flops`): every coupling's conditioner on all ``T`` tokens,
+        bidirectional attention."""
         t, half, w = self.tokens, self.token_dim // 2, self.width
         per = 2 * t * half * w + 2 * t * w * 2 * half
         per += self.block_depth * layer_flops(t, w, self.mlp_ratio, t * t)

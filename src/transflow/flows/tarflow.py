@@ -89,7 +89,8 @@ class TarFlowConfig(FlowConfig):
 
     def forward_flops(self) -> int:
         """Matrix-product FLOPs of one forward pass for one image (see
-        :mod:`transflow.training.flops`): ``T - 1`` tokens per block, ``T (T - 1) / 2``-ish causal query-key pairs."""
+        :mod:`transflow.training.flops`): ``T - 1`` tokens per block, ``T (T - 1) / 2``-ish causal
+        query-key pairs."""
         t, d, w = self.tokens - 1, self.token_dim, self.width  # T - 1 tokens are used
         out = 2 * d if self.nvp else d
         total = self.datamap_flops()

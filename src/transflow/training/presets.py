@@ -2,7 +2,8 @@
 
 A :class:`Preset` is a model config plus the training settings it comes with (a
 :class:`~transflow.training.recipe.TrainConfig`; flags override both).
-``get_config("tarflow-afhq256")`` returns the model config; keyword overrides change fields. The published ones follow the papers
+``get_config("tarflow-afhq256")`` returns the model config; keyword overrides change fields. The
+published ones follow the papers
 (TarFlow patch-width-blocks-layers, Jet couplings/depth/width). When training, the data set
 replaces image size, channels, classes and levels.
 """
