@@ -571,10 +571,9 @@ def test_one_seed_gives_the_same_images_through_every_entry_point(saved_models, 
     from PIL import Image
 
     from transflow import load
-    from transflow.io.images import grid, levels_to_pixels
+    from transflow.io.images import grid, grid_labels, levels_to_pixels, save_sample_grid
     from transflow.likelihood import unit_to_levels
     from transflow.sampling import SampleOptions, draw
-    from transflow.training import grid_labels, save_sample_grid
 
     model = load(saved_models["cond"])
     k = model.config.num_levels

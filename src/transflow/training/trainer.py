@@ -148,6 +148,7 @@ class Trainer:
         self.spec = complete(spec, self.data)
         self.model_config, self.cfg, self.run = self.spec.model, self.spec.train, run
         self.progress = progress
+        check_batch_split(self.cfg, dist_.from_env().world)  # before any process group
         self.info, self.device = dist_.setup(dist_.resolve_device(self.cfg.device))
         self._check_run()
         ckpt = self._read_checkpoint()
@@ -171,15 +172,9 @@ class Trainer:
 
     # -- builders ------------------------------------------------------------------------------
     def _check_run(self) -> None:
-        """The batch splits over the processes; a new run gets a directory of its own; the
-        directory is writable (rank 0)."""
-        cfg, world = self.cfg, self.info.world
-        if cfg.batch_size % world:
-            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be "
-                             f"divisible by the {world} processes")
-        if (cfg.batch_size // world) % cfg.accum_steps:
-            raise ValueError(f"--accum-steps {cfg.accum_steps} must divide each process's "
-                             f"{cfg.batch_size // world} images of the global batch")
+        """A new run gets a directory of its own; the directory is writable (rank 0); FSDP2
+        and reversible couplings do not mix."""
+        cfg = self.cfg
         if cfg.parallel == "fsdp" and self.info.enabled and cfg.reversible:
             raise ValueError("--reversible rebuilds activations from whole parameters and does "
                              "not work with --parallel fsdp; use DDP or --checkpointing block")
@@ -586,6 +581,17 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def check_batch_split(cfg: TrainConfig, world: int) -> None:
+    """``ValueError`` unless the global batch splits evenly over ``world`` processes and each
+    process's share over ``accum_steps`` micro-batches."""
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be "
+                         f"divisible by the {world} processes")
+    if (cfg.batch_size // world) % cfg.accum_steps:
+        raise ValueError(f"--accum-steps {cfg.accum_steps} must divide each process's "
+                         f"{cfg.batch_size // world} images of the global batch")
 
 
 def check_same_model(saved: dict[str, Any], config: FlowConfig, run: RunDir) -> None:
