@@ -64,6 +64,8 @@ TARFLOW_VARIANTS = {
     "starflow-all": dict(scale="softplus", soft_clip=2.0, final_norm=True, layers=[2, 1],
                          num_classes=3),
     "datamaps": dict(marginals=True, whiten=True, num_levels=17, num_classes=3),
+    # noise-conditional (iTARFlow): these tests run it at its default level t = noise_std
+    "noise-cond": dict(noise_std=0.05, noise_max=0.5, num_classes=3),
 }
 JET_VARIANTS = {
     "default": dict(),

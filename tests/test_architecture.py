@@ -227,7 +227,8 @@ def test_sample_and_eval_fid_share_their_sampling_flags():
 
     shared = ["--class", "--guidance", "--guide", "--anneal", "--attn-temp", "--formula",
               "--temperature", "--method", "--segments", "--tol", "--max-iters", "--denoise",
-              "--sigma", "--seed", "--batch-size", "--compile", "--device", "--num-samples"]
+              "--sigma", "--denoise-steps", "--denoise-mode", "--seed", "--batch-size",
+              "--compile", "--device", "--num-samples"]
     for flag in shared:
         assert flag in sample and flag in fid, flag
         if flag != "--num-samples":  # only the default count differs

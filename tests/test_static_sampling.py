@@ -19,7 +19,8 @@ def model_for(variant: str) -> TarFlow:
                    scale_shift=0.1).eval()
 
 
-@pytest.mark.parametrize("variant", ["nvp", "vp", "cond", "starflow-all", "datamaps"])
+@pytest.mark.parametrize("variant", ["nvp", "vp", "cond", "starflow-all", "datamaps",
+                                     "noise-cond"])
 def test_static_eager_step_equals_the_sequential_solver(variant):
     model = model_for(variant)
     c = model.config

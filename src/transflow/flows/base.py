@@ -82,6 +82,11 @@ class FlowConfig:
     marginals: bool = False
     whiten: bool = False
 
+    @property
+    def noise_conditional(self) -> bool:
+        """Whether the model is conditioned on the noise level (TarFlow's ``noise_max > 0``)."""
+        return getattr(self, "noise_max", 0.0) > 0
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict, with the model family under ``"model"``."""
         d = {"model": self.family}
@@ -152,7 +157,9 @@ class Flow(nn.Module):
     """A normalizing flow on images ``[B, C, H, W]`` with an optional class label ``y [B]``.
 
     Labels are integers in ``[0, num_classes)``; ``-1`` (or ``y=None``) selects the unconditional
-    (null-class) branch of a class-conditional model.
+    (null-class) branch of a class-conditional model. A noise-conditional model
+    (``config.noise_conditional``) also takes the noise level ``t`` of every image (``[B]``, one
+    float, or None: ``config.noise_std``); the others take ``t=None`` only.
 
     Every family implements ``forward`` and ``inverse`` with the same signatures; family-specific
     work is a method here with a default the families override: :meth:`units` (the flow blocks,
@@ -274,15 +281,17 @@ class Flow(nn.Module):
         return self.checkpointing if torch.is_grad_enabled() else "none"
 
     # -- the two directions, implemented by each family ----------------------------------------
-    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Data ``x [B, C, H, W]`` -> ``(z [B, C, H, W], logdet [B])``."""
+    def forward(self, x: Tensor, y: Tensor | None = None, t: Tensor | float | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Data ``x [B, C, H, W]`` -> ``(z [B, C, H, W], logdet [B])`` at noise levels ``t``
+        (see :meth:`check_noise`)."""
         raise NotImplementedError
 
-    def inverse(self, z: Tensor, y: Tensor | None = None, *, guidance: Guidance | None = None,
-                attn_temp: float = 1.0) -> Tensor:
-        """Latent ``z [B, C, H, W]`` -> data ``x [B, C, H, W]``; ``guidance``: classifier-free
-        guidance (None: none); ``attn_temp``: attention temperature of the (conditional)
-        branch."""
+    def inverse(self, z: Tensor, y: Tensor | None = None, *, t: Tensor | float | None = None,
+                guidance: Guidance | None = None, attn_temp: float = 1.0) -> Tensor:
+        """Latent ``z [B, C, H, W]`` -> data ``x [B, C, H, W]`` at noise levels ``t``;
+        ``guidance``: classifier-free guidance (None: none; its rows share ``t``);
+        ``attn_temp``: attention temperature of the (conditional) branch."""
         raise NotImplementedError
 
     def tokens(self, x: Tensor) -> Tensor:
@@ -316,15 +325,15 @@ class Flow(nn.Module):
                              "'auto')")
         return None, None
 
-    def invert(self, z: Tensor, y: Tensor | None = None, *, plan: Any = None,
-               guidance: Guidance | None = None, attn_temp: float = 1.0, tol: float = 1e-4,
-               max_iters: int | None = None, static: str | None = None
+    def invert(self, z: Tensor, y: Tensor | None = None, *, t: Tensor | float | None = None,
+               plan: Any = None, guidance: Guidance | None = None, attn_temp: float = 1.0,
+               tol: float = 1e-4, max_iters: int | None = None, static: str | None = None
                ) -> tuple[Tensor, list[Any]]:
-        """:meth:`inverse` with a solver plan from :meth:`plan`, returning ``(x, per-block
-        solver statistics)``; the default has no plans and no statistics, and ``static`` (the
-        compiled / CUDA-graph per-token step of TarFlow) does not apply: one parallel pass per
-        block has no per-token loop."""
-        return self.inverse(z, y, guidance=guidance, attn_temp=attn_temp), []
+        """:meth:`inverse` (at noise levels ``t``) with a solver plan from :meth:`plan`,
+        returning ``(x, per-block solver statistics)``; the default has no plans and no
+        statistics, and ``static`` (the compiled / CUDA-graph per-token step of TarFlow) does
+        not apply: one parallel pass per block has no per-token loop."""
+        return self.inverse(z, y, t=t, guidance=guidance, attn_temp=attn_temp), []
 
     def check_guidance(self, guidance: Guidance | None) -> None:
         """``ValueError`` if this family cannot apply ``guidance`` (all settings by default)."""
@@ -348,9 +357,11 @@ class Flow(nn.Module):
         d = z[0].numel()
         return -0.5 * (sq + logvar + d * math.log(2 * math.pi))
 
-    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Natural-log density of ``x [B, C, H, W]`` under the flow; ``[B]``."""
-        z, logdet = self(x, y)
+    def log_prob(self, x: Tensor, y: Tensor | None = None, t: Tensor | float | None = None
+                 ) -> Tensor:
+        """Natural-log density of ``x [B, C, H, W]`` under the flow (at noise levels ``t``, see
+        :meth:`check_noise`); ``[B]``."""
+        z, logdet = self(x, y, t)
         return self.prior_log_prob(z) + logdet
 
     def sample(self, n: int, y: Tensor | int | Sequence[int] | None = None,
@@ -406,6 +417,32 @@ class Flow(nn.Module):
             raise ValueError(f"expected input of shape [B, {want[0]}, {want[1]}, {want[2]}], "
                              f"got {list(x.shape)}")
         return self.check_labels(y, x.shape[0])
+
+    def check_noise(self, t: Tensor | float | None, batch: int) -> Tensor | None:
+        """Validate noise levels ``t`` (``[batch]`` or 0-d tensor, a float, or None:
+        ``config.noise_std``) of a noise-conditional model; return them as ``[batch]`` on the
+        model's device (float32; float64 for a float64 model). None for a model that is not
+        noise-conditional, which refuses any ``t`` but None."""
+        if not self.config.noise_conditional:
+            if t is not None:
+                why = " (noise_max = 0)" if hasattr(self.config, "noise_max") else ""
+                raise ValueError(f"noise levels t were given but this {type(self).__name__} "
+                                 f"model is not noise-conditional{why}; give t=None")
+            return None
+        if t is None:
+            t = self.config.noise_std
+        if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
+            raise ValueError(f"t must be a tensor of noise levels, a float or None, got {t!r}")
+        p = next(self.parameters())
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        t = (t.to(device=p.device, dtype=dtype) if isinstance(t, Tensor)
+             else torch.tensor(float(t), device=p.device, dtype=dtype))
+        t = t.expand(batch) if t.dim() == 0 else t
+        if t.dim() != 1 or t.shape[0] != batch:
+            raise ValueError(f"expected noise levels t of shape [{batch}], got {list(t.shape)}")
+        if not torch.compiler.is_compiling() and not bool((t > 0).all() & t.isfinite().all()):
+            raise ValueError("noise levels t must be finite and > 0")
+        return t
 
     def check_labels(self, y: Tensor | None, batch: int) -> Tensor | None:
         """Validate labels ``[batch]`` (None: unconditional); return them on the model's device

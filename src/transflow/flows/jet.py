@@ -403,8 +403,12 @@ class Jet(Flow):
         c = self.config
         return unpatchify(t, c.channels, c.image_size, c.image_size, c.patch_size, "ppc")
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor | None = None, t: Tensor | float | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Data ``x [B, C, H, W]`` -> ``(z [B, C, H, W], logdet [B])``; Jet is not
+        noise-conditional: ``t`` must be None."""
         y = self.check_input(x, y)
+        self.check_noise(t, x.shape[0])
         x, ld0 = self.data_to_flow(x)
         t = self.tokens(x)
         if self.reversible and torch.is_grad_enabled():
@@ -420,12 +424,14 @@ class Jet(Flow):
             logdet = logdet + ld
         return self.image(t), logdet
 
-    def inverse(self, z: Tensor, y: Tensor | None = None, *, guidance: Guidance | None = None,
-                attn_temp: float = 1.0) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | None = None, *, t: Tensor | float | None = None,
+                guidance: Guidance | None = None, attn_temp: float = 1.0) -> Tensor:
         """Latent ``z [B, C, H, W]`` -> data, one parallel pass per coupling (differentiable);
         ``guidance`` (classifier-free, on the conditioners' outputs) is optional,
-        ``attn_temp`` is the attention temperature of the (conditional) branch."""
+        ``attn_temp`` is the attention temperature of the (conditional) branch; ``t`` must be
+        None (Jet is not noise-conditional)."""
         y = self.check_input(z, y)
+        self.check_noise(t, z.shape[0])
         t = self.tokens(z)
         for coupling in reversed(self.couplings):
             t = coupling.inverse(t, y, guidance, attn_temp)

@@ -14,6 +14,8 @@ cache through a mask, so the step can be compiled once or captured as a CUDA gra
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,6 +100,40 @@ class TransformerLayer(nn.Module):
                 cache: KVCache | None = None, start: int | Tensor = 0) -> Tensor:
         h = h + self.attn(self.attn_norm(h), causal, attn_temp, cache, start)
         return h + self.mlp(self.mlp_norm(h))
+
+
+class NoiseEmbedding(nn.Module):
+    """Noise levels ``t [B]`` (> 0) -> embeddings ``[B, W]``: fixed Fourier features of
+    ``log t`` (``FREQUENCIES`` frequencies, geometric from ``LOWEST`` to ``HIGHEST`` radians per
+    unit of ``log t``; a sine and a cosine each) through ``Linear -> GELU -> Linear``. The last
+    projection starts at zero, so an untrained embedding adds nothing."""
+
+    FREQUENCIES = 32
+    LOWEST, HIGHEST = 0.25, 16.0
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * self.FREQUENCIES, width)
+        self.fc2 = nn.Linear(width, width)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def features(self, t: Tensor) -> Tensor:
+        """``t [B]`` -> Fourier features ``[B, 2F]`` of ``log t`` (float32 at least)."""
+        log_t = upcast(t).log()
+        freqs = torch.logspace(math.log10(self.LOWEST), math.log10(self.HIGHEST),
+                               self.FREQUENCIES, device=t.device, dtype=log_t.dtype)
+        arg = log_t[:, None] * freqs
+        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+    def forward(self, t: Tensor) -> Tensor:
+        h = self.features(t).to(self.fc1.weight.dtype)
+        return self.fc2(F.gelu(self.fc1(h)))
+
+    @classmethod
+    def flops(cls, width: int) -> int:
+        """Matrix-product FLOPs of one embedding (one image) at ``width``."""
+        return 2 * 2 * cls.FREQUENCIES * width + 2 * width * width
 
 
 def gelu_mode(name: str) -> str:

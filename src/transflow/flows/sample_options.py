@@ -21,6 +21,17 @@ from torch import Tensor, nn
 from .guidance import GUIDES, Guidance
 from .solvers import DEFAULT_SEGMENTS, DEFAULT_TOL, METHODS, STATIC_MODES, check_tol
 
+DENOISE_MODES = ("ddim", "stochastic")
+
+
+def check_denoise_steps(steps: int, mode: str) -> None:
+    """``ValueError`` unless ``steps`` is a positive integer and ``mode`` a denoising mode."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"denoise_steps must be a positive integer, got {steps!r}")
+    if mode not in DENOISE_MODES:
+        raise ValueError(f"unknown denoise_mode {mode!r}; expected one of "
+                         f"{', '.join(DENOISE_MODES)}")
+
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
@@ -54,7 +65,14 @@ class SampleOptions:
     max_iters: int | None = _opt(None, "cap on Jacobi iterations per segment (default: exact)")
     denoise: bool | None = _opt(None, "one score-based denoising step (default: when the model "
                                 "was trained with Gaussian noise, config.noise_std > 0)")
-    sigma: float | None = _opt(None, "noise level for --denoise (default: config.noise_std)")
+    sigma: float | None = _opt(None, "noise level for --denoise (default: config.noise_std); a "
+                               "noise-conditional model is sampled at this level and denoised "
+                               "from it (default: its noise_max)")
+    denoise_steps: int = _opt(1, "denoising steps of a noise-conditional model (noise_max > 0): "
+                              "from --sigma linearly down to noise_std, then to 0 "
+                              "(docs/sampling.md); other models take one step")
+    denoise_mode: str = _opt("ddim", "noise-conditional denoising step: ddim (deterministic) or "
+                             "stochastic (re-noise the estimate to the next level)")
     seed: int | None = _opt(0, "base seed: image i is drawn from seed SEED + i, whatever the "
                             "batch")
     batch_size: int = _opt(64, "images per batch")
@@ -75,6 +93,10 @@ class SampleOptions:
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         check_tol(self.tol, self.max_iters)
+        check_denoise_steps(self.denoise_steps, self.denoise_mode)
+        if self.denoise is False and (self.denoise_steps != 1 or self.denoise_mode != "ddim"):
+            raise ValueError("denoise_steps and denoise_mode act only when denoising; do not "
+                             "give them with denoise=False")
         if not (isinstance(self.compile, bool) or self.compile in (None, *STATIC_MODES)):
             raise ValueError(f"compile must be a bool or one of {STATIC_MODES}, "
                              f"got {self.compile!r}")

@@ -48,6 +48,7 @@ class Block(Protocol):
 
     def order(self, t: Tensor) -> Tensor: ...
     def ordered_pos_embed(self) -> Tensor: ...
+    def noise_embedding(self, t: Tensor | float | None, batch: int) -> Tensor | None: ...
     def make_caches(self, rows: int, length: int, like: Tensor,
                     zero: bool = False) -> list[KVCache]: ...
     def transformer(self, x: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
@@ -63,13 +64,16 @@ class Block(Protocol):
 def solve_block(block: Block, z: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
                 guidance: Guidance | None = None, plan: str = "sequential",
                 tol: float = DEFAULT_TOL, max_iters: int | None = None,
-                static: str | None = None) -> tuple[Tensor, SolveStats]:
+                static: str | None = None, noise: Tensor | float | None = None
+                ) -> tuple[Tensor, SolveStats]:
     """Invert one block: latent-side tokens ``z [B, T, D]`` (image token order) -> data-side
     tokens ``[B, T, D]``, with the solver ``plan`` (``sequential``, ``jacobi`` or
     ``gs:<segments>``) and statistics.
 
     ``y [B]``: labels with the null class already mapped (or None); ``attn_temp``: attention
-    temperature of the (conditional) branch; ``guidance``: classifier-free guidance or None.
+    temperature of the (conditional) branch; ``guidance``: classifier-free guidance or None;
+    ``noise``: the noise levels ``t`` (``[B]`` or one float; None: the block's ``noise_std``)
+    of a noise-conditional block, shared by the guided rows.
     Iterative plans stop a row once ``max |x^k - x^{k-1}| < tol`` on it, or after
     ``max_iters`` iterations per segment (default: the segment length, which is exact).
     ``static`` (sequential plans): run the per-token step with static shapes, ``"eager"``,
@@ -77,7 +81,7 @@ def solve_block(block: Block, z: Tensor, y: Tensor | None, attn_temp: float | Te
     a CUDA graph and replayed per token; CUDA only); see :func:`static_sequential`."""
     t = z.shape[1]
     segments = plan_segments(plan, t)
-    ctx = InverseContext.build(block, y, attn_temp, guidance, z.shape[0], t)
+    ctx = InverseContext.build(block, y, attn_temp, guidance, z.shape[0], t, noise)
     z = block.order(z)
     if segments == t - 1 and static is not None:
         x = static_sequential(block, z, ctx, static)
@@ -295,8 +299,10 @@ class SolveStats:
 
 class InverseContext:
     """Per-block inputs of an inversion, computed once: block-order positional embeddings, class
-    embeddings and attention temperatures of the Transformer rows (``B`` conditional rows, then
-    ``B`` unconditional ones when guided) and the guidance weight of every step ``[T-1]``."""
+    (plus noise-level) embeddings and attention temperatures of the Transformer rows (``B``
+    conditional rows, then ``B`` unconditional ones when guided) and the guidance weight of
+    every step ``[T-1]``. ``cls_u`` is ``[1, 1, W]`` (the null class alone) or ``[B, 1, W]``
+    (with the rows' noise-level embeddings)."""
 
     def __init__(self, pos: Tensor, cls_c: Tensor | None, cls_u: Tensor | None,
                  temp_c: float | Tensor,
@@ -308,7 +314,8 @@ class InverseContext:
 
     @classmethod
     def build(cls, block: Block, y: Tensor | None, attn_temp: float | Tensor,
-              guidance: Guidance | None, batch: int, tokens: int) -> InverseContext:
+              guidance: Guidance | None, batch: int, tokens: int,
+              noise: Tensor | float | None = None) -> InverseContext:
         pos = block.ordered_pos_embed()
         cls_c = cls_u = None
         if block.class_embed is not None:
@@ -316,6 +323,10 @@ class InverseContext:
                 raise ValueError("a class-conditional block needs labels (null class mapped)")
             cls_c = block.class_embed[y].unsqueeze(1)
             cls_u = block.class_embed[-1:].unsqueeze(1)  # the learned null class
+        emb = block.noise_embedding(noise, batch)
+        if emb is not None:  # the conditional and the unconditional rows share t
+            cls_c = emb if cls_c is None else cls_c + emb
+            cls_u = emb if cls_u is None else cls_u + emb
         weights = None
         if guidance is not None:
             dtype = torch.promote_types(pos.dtype, torch.float32)  # that of (a, mu)
@@ -330,7 +341,10 @@ class InverseContext:
         if self.guidance is None:
             return cls_c, temp_c
         n = self.batch if idx is None else idx.numel()
-        cls = None if cls_c is None else torch.cat([cls_c, self.cls_u.expand(n, -1, -1)])
+        cls_u = self.cls_u
+        if cls_u is not None and idx is not None and cls_u.shape[0] == self.batch:
+            cls_u = cls_u[idx]  # per-row (noise-level) embeddings
+        cls = None if cls_c is None else torch.cat([cls_c, cls_u.expand(n, -1, -1)])
         temp_u = self.guidance.attn_temp
         if not isinstance(temp_c, Tensor):
             if temp_u == temp_c:
@@ -382,7 +396,7 @@ def resolve_plan(model: Any, method: str | Sequence[str] = "sequential",
 
 
 def invert_tarflow(model: Any, z: Tensor, y: Tensor | None = None, *,
-                   plan: str | Sequence[str] = "sequential",
+                   t: Tensor | float | None = None, plan: str | Sequence[str] = "sequential",
                    guidance: Guidance | float | None = None, attn_temp: float = 1.0,
                    tol: float = DEFAULT_TOL, max_iters: int | None = None,
                    segments: int = DEFAULT_SEGMENTS, static: str | None = None
@@ -390,7 +404,9 @@ def invert_tarflow(model: Any, z: Tensor, y: Tensor | None = None, *,
     """Invert a TarFlow: latent ``z [B, C, H, W]`` -> data ``x [B, C, H, W]`` with a per-block
     ``plan`` (see :func:`resolve_plan`; ``"auto"`` measures one with :func:`auto_plan`).
 
-    ``y``: labels ``[B]`` or one int (``-1``/None: null class); ``guidance``: weight or
+    ``y``: labels ``[B]`` or one int (``-1``/None: null class); ``t``: noise levels of a
+    noise-conditional model (``[B]``, one float, or None: ``config.noise_std``; checked by
+    ``model.check_noise``), reaching every block in every plan; ``guidance``: weight or
     :class:`Guidance`; ``attn_temp``: attention temperature of the (conditional) branch.
     Returns ``x`` and per-block :class:`SolveStats` in model order (runs without autograd).
     ``plan="sequential"`` without guidance equals ``model.inverse(z, y)``. ``static``: the
@@ -403,9 +419,10 @@ def invert_tarflow(model: Any, z: Tensor, y: Tensor | None = None, *,
     g = g if g is not None and g.active else None
     y_raw = label_tensor(y, z.shape[0])
     y = model.check_input(z, y_raw)
+    noise = model.check_noise(t, z.shape[0])
     if plan == "auto":
         plans = auto_plan(model, z.shape[0], y=y_raw, guidance=g, tol=tol,
-                          max_iters=max_iters).plan
+                          max_iters=max_iters, t=None if noise is None else noise[:1]).plan
     else:
         plans = resolve_plan(model, plan, segments)
     check_tol(tol, max_iters)
@@ -415,7 +432,8 @@ def invert_tarflow(model: Any, z: Tensor, y: Tensor | None = None, *,
     with torch.no_grad():
         for i in reversed(range(len(blocks))):
             t0 = time.perf_counter()
-            t, st = solve_block(blocks[i], t, y, attn_temp, g, plans[i], tol, max_iters, static)
+            t, st = solve_block(blocks[i], t, y, attn_temp, g, plans[i], tol, max_iters, static,
+                                noise)
             sync(t.device)
             st.seconds = time.perf_counter() - t0
             stats[i] = st
@@ -499,10 +517,12 @@ def _segment_lengths(plan: str, tokens: int) -> list[int]:
 def auto_plan(model: Any, batch_size: int, *, y: Tensor | None = None,
               guidance: Guidance | None = None, tol: float = DEFAULT_TOL,
               max_iters: int | None = None, candidates: Sequence[str] = AUTO_CANDIDATES,
-              probe: int = 4, cache: bool = True) -> AutoPlan:
+              probe: int = 4, cache: bool = True, t: Tensor | float | None = None) -> AutoPlan:
     """Pick a plan per block for batches of ``batch_size`` images from a quick measurement.
 
-    ``y``: labels as given to :func:`sample` (``-1`` = null class) or None.
+    ``y``: labels as given to :func:`sample` (``-1`` = null class) or None; ``t``: the noise
+    level of a noise-conditional model (one float or a tensor whose first entry is used; None:
+    ``config.noise_std``).
 
     1. Time, at the real batch size, one sequential step at mid-sequence (``t_1``) and one
        parallel pass over a 32-token window (``t_L``); a pass over ``L`` tokens is then
@@ -521,8 +541,9 @@ def auto_plan(model: Any, batch_size: int, *, y: Tensor | None = None,
             plan_segments(cand, 2)
         elif _gs_count(cand) < 1:
             raise ValueError(f"bad plan {cand!r}: gs:<segments> needs segments >= 1")
+    level = None if t is None else float(torch.as_tensor(t).reshape(-1)[0])
     key = (batch_size, guidance, tol, max_iters, tuple(candidates), probe,
-           None if y is None else tuple(y[:probe].tolist()))
+           None if y is None else tuple(y[:probe].tolist()), level)
     if cache and key in _AUTO_CACHE.get(model, {}):
         return _AUTO_CACHE[model][key]
     t_start = time.perf_counter()
@@ -541,6 +562,7 @@ def auto_plan(model: Any, batch_size: int, *, y: Tensor | None = None,
         yp = yp.repeat(nprobe)[:nprobe]
     yp = model.check_labels(yp, nprobe)
     yb = None if yp is None else yp[:1].expand(batch_size).contiguous()
+    noise = model.check_noise(level, 1)  # [1]: broadcast to any number of rows
     timings: dict[int, tuple[float, float]] = {}
     blocks = model.units()
     estimates: list[dict[str, float]] = [{} for _ in blocks]
@@ -552,11 +574,12 @@ def auto_plan(model: Any, batch_size: int, *, y: Tensor | None = None,
             block = blocks[i]
             nl = len(block.layers)
             if nl not in timings:
-                timings[nl] = _measure_block(block, yb, guidance, batch_size, t, window, p)
+                timings[nl] = _measure_block(block, yb, guidance, batch_size, t, window, p,
+                                             noise)
             t1, tl = timings[nl]
             slope = (tl - t1) / max(window - 1, 1)
             estimates[i] = _estimate_block(block, tokens, yp, guidance, tol, max_iters,
-                                           candidates, t, t1, slope)
+                                           candidates, t, t1, slope, noise)
             tokens = estimates[i].pop("_out")  # type: ignore[arg-type]
             plan[i] = min(estimates[i], key=estimates[i].__getitem__)
     result = AutoPlan(plan, estimates, *timings[len(blocks[-1].layers)], window,
@@ -569,7 +592,7 @@ def auto_plan(model: Any, batch_size: int, *, y: Tensor | None = None,
 def _estimate_block(block: Block, tokens: Tensor, y: Tensor | None,
                     guidance: Guidance | None, tol: float, max_iters: int | None,
                     candidates: Sequence[str], t: int, t1: float,
-                    slope: float) -> dict[str, Any]:
+                    slope: float, noise: Tensor | None = None) -> dict[str, Any]:
     """Estimated seconds of every candidate for one block (see :func:`auto_plan`), and the
     probe's Jacobi result under ``"_out"`` (the next block's probe input)."""
     def pass_s(n: int) -> float:
@@ -594,7 +617,7 @@ def _estimate_block(block: Block, tokens: Tensor, y: Tensor | None,
     cap = k_max if max_iters is None else min(k_max, max_iters)
     # with no useful cap, 3 iterations still give the next block a plausible probe input
     out, st = solve_block(block, tokens, y, 1.0, guidance, "jacobi", tol,
-                          cap if cap >= 1 else 3)
+                          cap if cap >= 1 else 3, noise=noise)
     usable = cap >= 1 and st.iterations <= cap and (st.converged or max_iters is not None)
     for c in iterative:
         est[c] = cost(c, st.iterations) if usable else math.inf
@@ -603,10 +626,12 @@ def _estimate_block(block: Block, tokens: Tensor, y: Tensor | None,
 
 
 def _measure_block(block: Block, y: Tensor | None, guidance: Guidance | None,
-                   batch: int, t: int, window: int, like: Tensor) -> tuple[float, float]:
+                   batch: int, t: int, window: int, like: Tensor,
+                   noise: Tensor | None = None) -> tuple[float, float]:
     """Seconds of one sequential step at mid-sequence and of one pass over ``window`` tokens,
-    for ``batch`` images (``2 * batch`` Transformer rows when guided)."""
-    ctx = InverseContext.build(block, y, 1.0, guidance, batch, t)
+    for ``batch`` images (``2 * batch`` Transformer rows when guided) at noise level
+    ``noise [1]`` (noise-conditional blocks)."""
+    ctx = InverseContext.build(block, y, 1.0, guidance, batch, t, noise)
     d = block.proj_in.in_features
     x = torch.zeros(batch, t, d, device=like.device, dtype=like.dtype)
     caches = block.make_caches(ctx.rows, t - 1, x)

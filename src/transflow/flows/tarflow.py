@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from . import solvers
 from .base import Flow, FlowConfig, check_positive_ints
 from .guidance import Guidance
-from .layers import KVCache, TransformerLayer, gelu_mode, layer_flops, upcast
+from .layers import KVCache, NoiseEmbedding, TransformerLayer, gelu_mode, layer_flops, upcast
 from .patching import patchify, unpatchify
 
 SCALES = ("exp", "softplus")
@@ -46,7 +46,14 @@ _SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1
 @dataclasses.dataclass
 class TarFlowConfig(FlowConfig):
     """TarFlow hyper-parameters. ``layers`` is one count for every block or a list, one per block
-    in forward (data -> latent) order."""
+    in forward (data -> latent) order.
+
+    ``noise_max > 0`` makes the model noise-conditional (iTARFlow): it models data with Gaussian
+    noise of any level ``t`` in ``[noise_std, noise_max]`` (``noise_std > 0`` is then the lowest
+    level, where bits/dim is reported and denoising ends), every block conditioned on ``t``
+    through a :class:`~transflow.flows.layers.NoiseEmbedding` added to every token. 0: a model
+    of one noise level, ``noise_std``.
+    """
 
     family = "tarflow"
 
@@ -61,6 +68,7 @@ class TarFlowConfig(FlowConfig):
     final_norm: bool = False
     norm_eps: float = 1e-5
     gelu: str = "exact"
+    noise_max: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, tuple):
@@ -83,6 +91,25 @@ class TarFlowConfig(FlowConfig):
             raise ValueError(f"soft_clip must be >= 0 (0 disables it), got {self.soft_clip!r}")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        self._check_noise_range()
+
+    def _check_noise_range(self) -> None:
+        m = self.noise_max
+        if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m)
+                                       and m >= 0):
+            raise ValueError(f"noise_max must be a finite number >= 0 (0: not "
+                             f"noise-conditional), got {m!r}")
+        if m == 0:
+            return
+        if not self.noise_std > 0:
+            raise ValueError("a noise-conditional model (noise_max > 0) needs noise_std > 0, "
+                             "its lowest noise level")
+        if not m > self.noise_std:
+            raise ValueError(f"noise_max ({m}) must be greater than noise_std "
+                             f"({self.noise_std}), the lowest noise level")
+        if self.marginals:
+            raise ValueError("a noise-conditional model cannot have marginals=True: the "
+                             "marginal map's density is zero outside [-1, 1]")
 
     def layers_per_block(self) -> list[int]:
         return list(self.layers) if isinstance(self.layers, list) else [self.layers] * self.blocks
@@ -97,6 +124,8 @@ class TarFlowConfig(FlowConfig):
         for layers in self.layers_per_block():
             total += 2 * t * d * w + 2 * t * w * out
             total += layers * layer_flops(t, w, self.mlp_ratio, t * (t + 1) // 2)
+            if self.noise_conditional:
+                total += NoiseEmbedding.flops(w)
         return total
 
 
@@ -127,6 +156,9 @@ class TarFlowBlock(nn.Module):
         self.proj_out = nn.Linear(w, 2 * d if cfg.nvp else d)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        # created last: a model that is not noise-conditional draws the same initial weights
+        self.noise_std = cfg.noise_std
+        self.noise_embed = NoiseEmbedding(w) if cfg.noise_conditional else None
 
     def order(self, t: Tensor) -> Tensor:
         """Image token order <-> this block's order (an involution); works on ``[B, T, .]``."""
@@ -136,23 +168,48 @@ class TarFlowBlock(nn.Module):
         """Positional embeddings ``[T, W]`` in this block's token order."""
         return self.pos_embed.flip(0) if self.reverse else self.pos_embed
 
+    def noise_embedding(self, t: Tensor | float | None, batch: int) -> Tensor | None:
+        """The embedding ``[B, 1, W]`` of noise levels ``t`` (``[B]``, one float, or None:
+        ``noise_std``) added to every token; None for a block that is not noise-conditional."""
+        if self.noise_embed is None:
+            return None
+        w = self.noise_embed.fc1.weight
+        if not isinstance(t, Tensor):
+            t = torch.full((batch,), self.noise_std if t is None else float(t),
+                           device=w.device, dtype=torch.promote_types(w.dtype, torch.float32))
+        return self.noise_embed(t.expand(batch)).unsqueeze(1)
+
+    def condition(self, y: Tensor | None, t: Tensor | float | None, batch: int
+                  ) -> Tensor | None:
+        """What is added to every token ``[B, 1, W]`` (None: nothing): the class embedding of
+        ``y [B]`` (null class mapped) plus, for a noise-conditional block, the embedding of the
+        noise levels ``t`` (see :meth:`noise_embedding`)."""
+        cls = None if self.class_embed is None else self.class_embed[y].unsqueeze(1)
+        noise = self.noise_embedding(t, batch)
+        if noise is None:
+            return cls
+        return noise if cls is None else cls + noise
+
     def transformer(self, x: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
                     caches: list[KVCache] | None = None, start: int | Tensor = 0, *,
                     pos: Tensor | None = None, cls: Tensor | None = None,
-                    checkpoint_layers: bool = False) -> Tensor:
+                    checkpoint_layers: bool = False, t: Tensor | float | None = None
+                    ) -> Tensor:
         """Causal Transformer on tokens ``x [B, L, D]`` (block order, absolute positions
         ``start .. start+L-1``) -> raw outputs ``[B, L, 2D]`` (``[B, L, D]`` for VP).
 
-        The samplers pass ``pos`` (:meth:`ordered_pos_embed`) and ``cls`` (class embeddings
-        ``[B, 1, W]``, used instead of ``y``) precomputed once per block.
+        ``y [B]``: labels (null class mapped); ``t``: noise levels of a noise-conditional block
+        (see :meth:`condition`). The samplers pass ``pos`` (:meth:`ordered_pos_embed`) and
+        ``cls`` (:meth:`condition`'s ``[B, 1, W]``, used instead of ``y`` and ``t``)
+        precomputed once per block.
         ``checkpoint_layers``: activation-checkpoint every layer (kept: its input; recomputed in
         backward); ignored with ``caches`` (the key/value-cache sampling path). ``start`` a 0-d
         integer tensor: one token at that position with static shapes (see
         :mod:`transflow.flows.layers`)."""
         if pos is None:
             pos = self.ordered_pos_embed()
-        if cls is None and self.class_embed is not None:
-            cls = self.class_embed[y].unsqueeze(1)
+        if cls is None:
+            cls = self.condition(y, t, x.shape[0])
         h = self.proj_in(x) + (pos.index_select(0, start.view(1)) if isinstance(start, Tensor)
                                else pos[start:start + x.shape[1]])
         if cls is not None:
@@ -181,12 +238,12 @@ class TarFlowBlock(nn.Module):
             a = torch.log(F.softplus(a + _SOFTPLUS_SHIFT))
         return a, mu
 
-    def forward(self, x: Tensor, y: Tensor | None,
-                checkpoint_layers: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor | None, checkpoint_layers: bool = False,
+                t: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
         """Data-side tokens ``[B, T, D]`` -> ``(latent-side tokens [B, T, D], logdet [B])``;
-        ``checkpoint_layers``: see :meth:`transformer`."""
+        ``checkpoint_layers`` and the noise levels ``t``: see :meth:`transformer`."""
         x = self.order(x)
-        log_s, mu = self.affine(self.transformer(x[:, :-1], y,
+        log_s, mu = self.affine(self.transformer(x[:, :-1], y, t=t,
                                                  checkpoint_layers=checkpoint_layers))
         rest = x[:, 1:] - mu
         if log_s is None:
@@ -262,51 +319,59 @@ class TarFlow(Flow):
         self.prior_var_tokens.lerp_(z2.to(self.prior_var_tokens.dtype), momentum)
 
     # -- the two directions ----------------------------------------------------------------
-    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor | None = None, t: Tensor | float | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Data ``x [B, C, H, W]`` -> ``(z [B, C, H, W], logdet [B])``; ``t``: noise levels of a
+        noise-conditional model (``[B]``, one float, or None: ``config.noise_std``)."""
         y = self.check_input(x, y)
+        t = self.check_noise(t, x.shape[0])
         x, logdet = self.data_to_flow(x)
-        t = self.tokens(x)
+        tok = self.tokens(x)
         logdet = upcast(x.new_zeros(x.shape[0])) if logdet is None else logdet
         mode = self._checkpoint_mode()
         for block in self.blocks:
             if mode == "block":
-                t, ld = checkpoint(block, t, y, use_reentrant=False)
+                tok, ld = checkpoint(block, tok, y, False, t, use_reentrant=False)
             else:
-                t, ld = block(t, y, checkpoint_layers=mode == "layer")
+                tok, ld = block(tok, y, checkpoint_layers=mode == "layer", t=t)
             logdet = logdet + ld
-        return self.image(t), logdet
+        return self.image(tok), logdet
 
     @torch.no_grad()
-    def inverse(self, z: Tensor, y: Tensor | None = None, *, guidance: Guidance | None = None,
-                attn_temp: float = 1.0) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | None = None, *, t: Tensor | float | None = None,
+                guidance: Guidance | None = None, attn_temp: float = 1.0) -> Tensor:
         """Exact inverse, token by token in every block with a key/value cache (no autograd).
-        ``guidance``: classifier-free guidance; ``attn_temp``: attention temperature of the
-        (conditional) branch."""
-        return self.invert(z, y, plan="sequential", guidance=guidance, attn_temp=attn_temp)[0]
+        ``t``: noise levels (see :meth:`forward`); ``guidance``: classifier-free guidance;
+        ``attn_temp``: attention temperature of the (conditional) branch."""
+        return self.invert(z, y, t=t, plan="sequential", guidance=guidance,
+                           attn_temp=attn_temp)[0]
 
     def plan(self, method: str | Sequence[str] = "sequential", *,
              segments: int = solvers.DEFAULT_SEGMENTS, batch_size: int = 64,
              y: Tensor | None = None, guidance: Guidance | None = None,
-             tol: float = solvers.DEFAULT_TOL, max_iters: int | None = None
+             tol: float = solvers.DEFAULT_TOL, max_iters: int | None = None,
+             t: Tensor | float | None = None
              ) -> tuple[list[str], solvers.AutoPlan | None]:
         """The per-block inversion plan for ``method`` (see :func:`solvers.resolve_plan`;
-        ``"auto"`` measures one for batches of ``batch_size`` with :func:`solvers.auto_plan`).
-        Returns the plan (model order) and the measurement (None unless ``auto``)."""
+        ``"auto"`` measures one for batches of ``batch_size`` at noise level ``t`` with
+        :func:`solvers.auto_plan`). Returns the plan (model order) and the measurement (None
+        unless ``auto``)."""
         if method == "auto":
             auto = solvers.auto_plan(self, batch_size, y=y, guidance=guidance, tol=tol,
-                                     max_iters=max_iters)
+                                     max_iters=max_iters, t=t)
             return auto.plan, auto
         return solvers.resolve_plan(self, method, segments), None
 
-    def invert(self, z: Tensor, y: Tensor | None = None, *,
+    def invert(self, z: Tensor, y: Tensor | None = None, *, t: Tensor | float | None = None,
                plan: str | Sequence[str] = "sequential", guidance: Guidance | None = None,
                attn_temp: float = 1.0, tol: float = solvers.DEFAULT_TOL,
                max_iters: int | None = None, static: str | None = None
                ) -> tuple[Tensor, list[solvers.SolveStats]]:
-        """Latent ``z [B, C, H, W]`` -> ``(x, per-block stats)`` with a per-block ``plan``
+        """Latent ``z [B, C, H, W]`` -> ``(x, per-block stats)`` at noise levels ``t`` (see
+        :meth:`forward`) with a per-block ``plan``
         (:func:`transflow.flows.solvers.invert_tarflow`; ``static``: how its sequential blocks
         run, see :func:`transflow.flows.solvers.static_sequential`)."""
-        u, stats = solvers.invert_tarflow(self, z, y, plan=plan, guidance=guidance,
+        u, stats = solvers.invert_tarflow(self, z, y, t=t, plan=plan, guidance=guidance,
                                           attn_temp=attn_temp, tol=tol, max_iters=max_iters,
                                           static=static)
         return self.flow_to_data(u), stats
