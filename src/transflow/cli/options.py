@@ -102,7 +102,10 @@ MODEL_HELP = {
     "patch_size": "patch side P: tokens are P x P x C values",
     "num_classes": "classes (0: unconditional; set by the data)",
     "num_levels": "grey levels K of the data (set by the data)",
-    "noise_std": "Gaussian noise the model is trained with (--dequant gaussian) and denoised by",
+    "noise_std": "Gaussian noise the model is trained with (--dequant gaussian) and denoised by; "
+                 "with --noise-max, the lowest noise level",
+    "noise_max": "TarFlow: noise-conditional training (iTARFlow): each image's noise level drawn "
+                 "in [--noise-std, this], sampling starts here and denoises down (0: off)",
     "marginals": "learned per-pixel Gaussianizing map in front of the flow, started at the "
                  "training images' histograms (--no-marginals: none)",
     "whiten": "learned linear map of each patch in front of the flow, started at the data's "

@@ -84,7 +84,9 @@ def augment_batch(k: Tensor, y: Tensor | None, step: int, cfg: TrainConfig,
     shape = (cfg.batch_size, *k.shape[1:])
     if cfg.dequant == "gaussian":
         noise = torch.randn(shape, generator=g, device=device)[rows]
-        x = dequantize_gaussian(k, model_cfg.num_levels, model_cfg.noise_std, noise=noise)
+        t = noise_levels(step, cfg, model_cfg, device, info)
+        sigma = model_cfg.noise_std if t is None else t.view(-1, *([1] * (k.dim() - 1)))
+        x = dequantize_gaussian(k, model_cfg.num_levels, sigma, noise=noise)
     else:
         noise = torch.rand(shape, generator=g, device=device)[rows]
         x = dequantize_uniform(k, model_cfg.num_levels, noise=noise)
@@ -99,6 +101,18 @@ def augment_batch(k: Tensor, y: Tensor | None, step: int, cfg: TrainConfig,
                     < cfg.label_drop)[rows]
             labels = torch.where(drop, torch.full_like(labels, -1), labels)
     return x, labels
+
+
+def noise_levels(step: int, cfg: TrainConfig, model_cfg: FlowConfig, device: torch.device,
+                 info: DistInfo = SINGLE) -> Tensor | None:
+    """A noise-conditional model's noise level per image of batch ``step`` (this rank's rows,
+    ``[B / world]``), uniform in ``[noise_std, noise_max]``; None for other models. A pure
+    function of ``(seed, step)`` with its own stream, so the data path and the step agree."""
+    if not getattr(model_cfg, "noise_max", 0.0):
+        return None
+    g = torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, step, 3))
+    u = torch.rand(cfg.batch_size, generator=g, device=device)[rank_rows(cfg.batch_size, info)]
+    return model_cfg.noise_std + (model_cfg.noise_max - model_cfg.noise_std) * u
 
 
 def make_batch(x_levels: Any, y: Tensor | None, step: int, cfg: TrainConfig,

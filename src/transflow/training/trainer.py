@@ -38,7 +38,7 @@ from ..io.images import grid_labels, save_sample_grid
 from ..io.models import copy_weights
 from ..io.rundir import RunDir
 from ..likelihood import bits_per_dim
-from .batches import Prefetcher, augment_batch, gather_batch, init_images
+from .batches import Prefetcher, augment_batch, gather_batch, init_images, noise_levels
 from .budget import TimeBudget
 from .flops import train_flops
 from .recipe import TrainConfig, learning_rate, make_optimizer, update_ema
@@ -169,6 +169,9 @@ class Trainer:
                                        resume=self.spec.resume)
                          if self.info.main else [])
         self.step_flops = train_flops(self.model_config)  # per image; model_tflops / peak = MFU
+        # noise-conditional models weight each image's loss by its level over the mean level
+        self.mean_level = (self.model_config.noise_std
+                           + getattr(self.model_config, "noise_max", 0.0)) / 2
 
     # -- builders ------------------------------------------------------------------------------
     def _check_run(self) -> None:
@@ -247,11 +250,13 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor | None, stop_requested: bool,
-                   out_of_time: bool) -> StepOutcome:
+                   out_of_time: bool, t: Tensor | None = None) -> StepOutcome:
         """Forward and backward over ``accum_steps`` micro-batches, clip, one reduction over the
         ranks; then, if the loss and the gradient are finite, the optimizer step, the prior
-        update and the EMA update. ``x``, ``y``: this rank's slice of the global batch. The
-        gradient is that of the mean loss over the slice whatever ``accum_steps`` is."""
+        update and the EMA update. ``x``, ``y``: this rank's slice of the global batch; ``t``:
+        its noise levels ``[B / world]`` for a noise-conditional model (each image's loss is
+        weighted by ``t`` over the mean level, iTARFlow's reweighting). The gradient is that of
+        the mean loss over the slice whatever ``accum_steps`` is."""
         cfg, model, mc = self.cfg, self.model, self.model_config
         self.opt.zero_grad(set_to_none=True)
         micro = len(x) // cfg.accum_steps
@@ -259,11 +264,13 @@ class Trainer:
         for i in range(cfg.accum_steps):
             rows = slice(i * micro, (i + 1) * micro)
             last = i == cfg.accum_steps - 1
+            args = (x[rows], None if y is None else y[rows]) + (() if t is None else (t[rows],))
             with dist_.gradient_sync(self.net, last), self.autocast:
-                z, logdet = self.forward(x[rows], None if y is None else y[rows])
+                z, logdet = self.forward(*args)
             log_p = model.prior_log_prob(z) + logdet
+            weighted = log_p if t is None else log_p * t[rows] / self.mean_level
             # nats per dimension, as a share of this rank's mean over its whole slice
-            (-log_p.sum() / (len(x) * mc.dims)).backward()
+            (-weighted.sum() / (len(x) * mc.dims)).backward()
             zs.append(z.detach())
             log_ps.append(log_p.detach())
         z, log_p = torch.cat(zs), torch.cat(log_ps)
@@ -310,10 +317,12 @@ class Trainer:
                     for group in self.opt.param_groups:
                         group["lr"] = lr
                     x, y = self.batch(state.step)  # this rank's slice of the global batch
+                    t = noise_levels(state.step, self.cfg, self.model_config, self.device,
+                                     info)  # noise-conditional models: each image's level
 
                     # -- Optimizer step (skipped when not finite) ---------------------------
                     out = self.train_step(x, y, stop.requested,
-                                          info.main and budget.out_of_time(state.step))
+                                          info.main and budget.out_of_time(state.step), t)
                     if not out.finite:
                         self.skip_step()
                         continue
