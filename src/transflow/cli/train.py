@@ -100,6 +100,17 @@ def say(run: RunDir, text: str) -> None:
     run.console(text)
 
 
+def _level_note(cfg: FlowConfig) -> str:
+    """How a noise-trained model's bits/dim is to be read."""
+    if getattr(cfg, "noise_max", 0.0):
+        return (f"; the model at its lowest noise level {cfg.noise_std:g}, an upper bound; "
+                f"samples start at {cfg.noise_max:g} and are denoised")
+    if cfg.noise_std > 0:
+        return (f"; a valid upper bound for a model trained with Gaussian noise "
+                f"{cfg.noise_std:g}, not a tight one")
+    return ""
+
+
 def _summary_text(s: dict[str, Any], cfg: FlowConfig) -> str:
     mins = s["seconds"] / 60
     skipped = (f" {s['skipped_steps']} step(s) were skipped for non-finite values."
@@ -110,6 +121,6 @@ def _summary_text(s: dict[str, Any], cfg: FlowConfig) -> str:
     return (f"Trained a {s['parameters'] / 1e6:.2f}M-parameter {cfg.family} for {s['steps']} "
             f"steps in {mins:.1f} min: test bits/dim {s['test_bpd']:.4f} ± {s['test_se']:.4f} "
             f"(EMA weights, {s['test_images']} test images, {cfg.num_levels} levels, uniform "
-            f"dequantization).{skipped} Files are in {s['run_dir']}: config.json, metrics.jsonl, "
-            f"samples/final.png, the model in model/ (load it with transflow.load) and "
-            f"checkpoint.pt (continue with --resume).")
+            f"dequantization{_level_note(cfg)}).{skipped} Files are in {s['run_dir']}: "
+            f"config.json, metrics.jsonl, samples/final.png, the model in model/ (load it with "
+            f"transflow.load) and checkpoint.pt (continue with --resume).")

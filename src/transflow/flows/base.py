@@ -482,6 +482,11 @@ def config_from_dict(d: dict[str, Any]) -> FlowConfig:
     return FlowConfig.registry[family].from_dict(d)
 
 
+#: config fields added after transflow 0.1: a config written before them lacks them, which means
+#: their default (the behaviour of that time)
+ADDED_FIELDS = frozenset({"noise_max"})
+
+
 def config_from_any(d: Any, source: str) -> FlowConfig:
     """A config from a ``to_dict()`` mapping, or one ``ValueError`` naming ``source``."""
     if not isinstance(d, Mapping) or d.get("model") not in FlowConfig.registry:

@@ -34,7 +34,7 @@ import torch
 
 from ..atomic import atomic_path, json_line, read_json_object, write_json, write_text
 from ..flows import Flow, FlowConfig, config_from_any
-from ..flows.base import from_state_dict, strip_prefix, with_ema
+from ..flows.base import ADDED_FIELDS, from_state_dict, strip_prefix, with_ema
 from ..flows.pretrained import WEIGHTS_NAME
 from .checkpoint import Checkpoint, checkpoint_bytes_dict, read_checkpoint
 
@@ -58,7 +58,7 @@ def model_config_from(d: Mapping[str, Any], source: str) -> FlowConfig:
     """The model section of a run's ``config.json``, which must list every field (it was
     written complete: a missing field means the file was damaged)."""
     config = config_from_any(dict(d), f"{source} (model)")
-    missing = sorted(set(config.to_dict()) - set(d))
+    missing = sorted(set(config.to_dict()) - set(d) - ADDED_FIELDS)
     if missing:
         raise ValueError(f"{source}: the model section lacks field(s) {', '.join(missing)}")
     return config

@@ -120,22 +120,23 @@ def new_run(request: RunRequest, data: ImageData) -> RunSpec:
     chosen = get_preset(preset)
     if family and family != chosen.model.family:
         raise ValueError(f"preset {preset!r} is a {chosen.model.family} config, not {family}")
-    model = _model_config(request, chosen.model.family, preset, data)
     train = _train_config(chosen.train, request.train)
     # Gaussian noise leaves the marginals' support [-1, 1]: they are off unless asked for
-    if train.dequant == "gaussian" and model.marginals and "marginals" not in request.model:
-        model = model.replace(marginals=False)
+    off = train.dequant == "gaussian" and "marginals" not in request.model
+    model = _model_config(request, chosen.model.family, preset, data,
+                          {"marginals": False} if off else {})
     spec = RunSpec(model, train, DataSpec(request.data or "digits", request.data_options),
                    preset=preset, init_from=request.init_from)
     return complete(spec, data)
 
 
-def _model_config(request: RunRequest, family: str, preset: str, data: ImageData
-                  ) -> FlowConfig:
+def _model_config(request: RunRequest, family: str, preset: str, data: ImageData,
+                  defaults: dict[str, Any]) -> FlowConfig:
     own = {f.name for f in dataclasses.fields(FAMILIES[family][0])}
     overrides: dict[str, Any] = {"image_size": data.image_size, "channels": data.channels,
                                  "num_levels": data.num_levels,
-                                 "num_classes": 0 if request.unconditional else data.num_classes}
+                                 "num_classes": 0 if request.unconditional else data.num_classes,
+                                 **defaults}
     for name, value in request.model.items():
         if name not in own:
             raise ValueError(f"{flag(name)} is not a {family} option")

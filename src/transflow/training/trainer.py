@@ -33,6 +33,7 @@ from .. import distributed as dist_
 from ..data import ImageData, from_datasets
 from ..evaluation.bpd import evaluate_bpd
 from ..flows import Flow, FlowConfig, build
+from ..flows.base import ADDED_FIELDS
 from ..io.checkpoint import Checkpoint
 from ..io.images import grid_labels, save_sample_grid
 from ..io.models import copy_weights
@@ -607,6 +608,8 @@ def check_same_model(saved: dict[str, Any], config: FlowConfig, run: RunDir) -> 
     """``ValueError`` naming the differing fields unless a checkpoint's model config is
     ``config``."""
     mine = config.to_dict()
+    default = type(config)().to_dict()  # fields a config from before them lacks mean this
+    saved = {**{k: default[k] for k in ADDED_FIELDS if k in default}, **saved}
     diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
     if diff:
         shown = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} here"
