@@ -308,6 +308,24 @@ def test_features_pipeline_batching_and_streaming(fake_net_path: Path) -> None:
         assert not torch.is_inference_mode_enabled()
 
 
+def test_fast_path_is_default_on_cpu_and_equals_the_exact_one(
+        fake_net_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fid.EXACT_ENV_VAR, raising=False)
+    with pytest.warns(UserWarning, match="not in transflow's table"):
+        fast = fid.load_inception(fake_net_path)
+        exact = fid.load_inception(fake_net_path, fast=False)
+    assert isinstance(fast, fid.FastInception) and not isinstance(exact, fid.FastInception)
+    imgs = _images(7)
+    ref = fid.inception_features(imgs, exact, batch_size=3)
+    np.testing.assert_allclose(fid.inception_features(imgs, fast, batch_size=3), ref,
+                               rtol=1e-5, atol=1e-6)
+    fast.to("cpu")  # a move keeps (or rebuilds) the frozen copy
+    np.testing.assert_allclose(fid.inception_features(imgs, fast), ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv(fid.EXACT_ENV_VAR, "1")
+    with pytest.warns(UserWarning, match="not in transflow's table"):
+        assert not isinstance(fid.load_inception(fake_net_path), fid.FastInception)
+
+
 def test_reference_stats_cached_per_data_and_network(tmp_path: Path, fake_net_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data.npz"
@@ -416,6 +434,25 @@ def test_real_network_mnist_halves_closer_than_mnist_vs_cifar(
     cross = fid.fid_from_features(fa, fc)
     print(f"FID N={n}: MNIST half vs half {same:.2f}, MNIST vs CIFAR-10 {cross:.2f}")
     assert 0 < same < 0.4 * cross
+
+
+@pytest.mark.slow
+def test_real_network_fast_path_equals_the_reference_path(
+        inception: torch.nn.Module) -> None:
+    """The default (batch norm folded, channels-last) features equal the network file's own
+    graph to float rounding: max difference <= 1e-3 of the largest feature (measured: 2e-6)."""
+    if not isinstance(inception, fid.FastInception):
+        pytest.skip("the fast path is not the default here")
+    kinds = {n.kind() for n in inception.fast.graph.nodes()}
+    assert "aten::batch_norm" not in kinds and "aten::contiguous" not in kinds
+    with np.load(shared_path("data/mnist.npz")) as z:
+        mnist = z["x_test"][:6]
+    with np.load(shared_path("data/cifar10_subset.npz")) as z:
+        cifar = z["x_test"][:6]
+    for x in (mnist, cifar):
+        fast = fid.inception_features(x, inception, batch_size=6)
+        exact = fid.inception_features(x, inception.exact, batch_size=6)
+        assert np.abs(fast - exact).max() <= 1e-3 * np.abs(exact).max()
 
 
 # ------------------------------------------------------------------- the literature's setup
