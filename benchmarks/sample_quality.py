@@ -61,6 +61,10 @@ SWEEP: list[tuple[str, list[str]]] = [
 ]
 
 
+class CliError(RuntimeError):
+    """A ``transflow`` command failed; the message is its last line of stderr."""
+
+
 def cli(*args: str) -> float:
     """Run ``transflow ARGS`` (this interpreter); the seconds it took."""
     cmd = [sys.executable, "-m", "transflow", *args]
@@ -68,7 +72,9 @@ def cli(*args: str) -> float:
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}): {shlex.join(cmd)}\n{done.stderr[-3000:]}")
+        print(done.stderr[-3000:], file=sys.stderr)
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise CliError(lines[-1])
     return time.perf_counter() - t0
 
 
@@ -141,7 +147,7 @@ def measure(args: argparse.Namespace, run: Path, out: Path, name: str,
 
 def base_record(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     return {"time": time.strftime("%Y-%m-%d %H:%M"), "data": args.data, "model": args.model,
-            "recipe": args.recipe, "recipe_flags": RECIPES[args.recipe],
+            "recipe": args.recipe, "recipe_flags": RECIPES.get(args.recipe or ""),
             "minutes": None if args.sweep else args.minutes, "n": args.n, "run": str(run),
             "git_commit": git_commit(), "torch": torch.__version__}
 
@@ -170,6 +176,7 @@ def train(args: argparse.Namespace, run: Path) -> float:
 def main() -> None:
     a = parse_args()
     out = Path(a.out_dir)
+    a.recipe = a.recipe or (None if a.sweep else "default")
     out.mkdir(parents=True, exist_ok=True)
     run = Path(a.sweep) if a.sweep else out / f"{a.model}-{a.recipe}-{a.minutes:g}min"
     train_wall_s = None if a.sweep else train(a, run)
@@ -180,14 +187,24 @@ def main() -> None:
     rec["ref_images"], rec["reference_s"] = reference(a, size, channels)
     rec |= floor(a, out)
     runs = sweep_flags(noise_std, classes) if a.sweep else [("stated", shlex.split(a.sample_flags))]
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
     for name, flags in runs:
-        emit("sample_quality", rec | measure(a, run, out, name, flags))
+        if only and name not in only:
+            continue
+        try:
+            emit("sample_quality", rec | measure(a, run, out, name, flags))
+        except CliError as e:  # e.g. denoising refused for this model: say so, go on
+            if not a.sweep:
+                raise
+            emit("sample_quality", rec | {"sampling_name": name, "sampling_flags": flags,
+                                          "error": str(e)})
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="data set (as for transflow train --data)")
-    ap.add_argument("--recipe", default="default", choices=sorted(RECIPES))
+    ap.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                    help="training recipe (default: default; with --sweep: the run's, recorded)")
     ap.add_argument("--model", default="tarflow", choices=["tarflow", "jet"])
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget (--time-limit)")
     ap.add_argument("--n", type=int, default=1000, help="samples (and floor test images)")
@@ -197,6 +214,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--train-flags", default="", help="more training flags")
     ap.add_argument("--sweep", default=None, metavar="RUN",
                     help="no training: sweep the sampling options of this run")
+    ap.add_argument("--only", default="", metavar="NAMES",
+                    help="with --sweep: only these entries (comma-separated names, e.g. "
+                         "'denoise,temperature 0.8')")
     ap.add_argument("--cache-dir", default=None, help="FID cache (default the CLI's)")
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "sample_quality"),
                     help="runs, grids and per-measurement JSON (default runs/sample_quality)")
