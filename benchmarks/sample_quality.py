@@ -47,6 +47,8 @@ RECIPES: dict[str, list[str]] = {
     "noise": ["--dequant", "gaussian", "--noise-std", "0.05"],
     # the original TarFlow generation recipe as far as the CLI expresses it (tarflow-imagenet64:
     # Gaussian 0.05, label drop 0.1, lr 1e-4, batch 256, no marginals or whitening)
+    # noise-conditional training (iTARFlow): levels in [0.01, 0.3], sample with --denoise-steps
+    "noise-cond": ["--dequant", "gaussian", "--noise-std", "0.01", "--noise-max", "0.3"],
     "original-gen": ["--dequant", "gaussian", "--noise-std", "0.05", "--label-drop", "0.1",
                      "--lr", "1e-4", "--batch-size", "256", "--no-marginals", "--no-whiten"],
 }
@@ -58,6 +60,9 @@ SWEEP: list[tuple[str, list[str]]] = [
     ("no denoise", ["--no-denoise"]),
     ("denoise", ["--denoise"]),
     ("denoise sigma x2", ["--denoise", "--sigma", "2x"]),  # 2x: twice the model's noise_std
+    # noise-conditional models (--noise-max): iterative denoising from the top level
+    *[(f"denoise steps {k}", ["--denoise-steps", str(k)]) for k in (1, 3, 10)],
+    ("denoise steps 10 stochastic", ["--denoise-steps", "10", "--denoise-mode", "stochastic"]),
 ]
 
 
