@@ -14,7 +14,7 @@ from ..flows import FAMILIES, FlowConfig
 from ..io.rundir import RunDir
 from ..training import RESUMABLE, RunRequest, TrainConfig, Trainer, new_run, resume_run
 from ..training.presets import PRESETS
-from ..training.spec import DataSpec, read_run
+from ..training.spec import DataSpec
 from .options import (
     add_model_options,
     add_options,
@@ -69,8 +69,7 @@ def train_from_args(args: argparse.Namespace) -> dict[str, Any]:
     request = request_from_args(args)
     if args.resume:
         run = RunDir(args.resume)
-        saved = read_run(run)
-        spec = resume_run(run, request, saved)
+        spec = resume_run(run, request)
         data = spec.data.load(spec.model.image_size, None, args.strict)
     else:
         model = request.model

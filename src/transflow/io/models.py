@@ -29,7 +29,8 @@ from ..flows.pretrained import (
     read_safetensors,
 )
 from ..torchfile import is_state_dict, torch_load_safe
-from .rundir import CHECKPOINT, MODEL, RunDir, model_from_checkpoint, read_checkpoint
+from .checkpoint import read_checkpoint
+from .rundir import CHECKPOINT, MODEL, RunDir, model_from_checkpoint
 
 PathLike = str | os.PathLike
 

@@ -474,6 +474,7 @@ class Trainer:
     def set_config(self, cfg: TrainConfig) -> None:
         """Adopt a refitted training config and record it in ``config.json``."""
         self.cfg = cfg
+        self.spec = dataclasses.replace(self.spec, train=cfg)
         self.resolved["train"] = cfg.to_dict()
         if self.info.main:
             self.run.write_config(self.resolved)
