@@ -39,18 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: extra ``transflow train`` flags of each named recipe
 RECIPES: dict[str, list[str]] = {
-    # the CLI's defaults (learned marginals and patch whitening, uniform dequantization)
+    # the CLI's defaults (for a new data set: the generative recipe, Gaussian noise 0.05,
+    # per-pixel standardization and whitening, denoised samples)
     "default": [],
-    # the bits/dim recipe (tarflow-imagenet64-bpd): unconditional, uniform noise, fp32
-    "likelihood": ["--unconditional", "--dequant", "uniform", "--amp", "fp32"],
-    # Gaussian dequantization (TarFlow's generation noise at ImageNet-64's level)
-    "noise": ["--dequant", "gaussian", "--noise-std", "0.05"],
+    # the likelihood recipe, one flag away: uniform dequantization, no noise, the marginals on
+    "likelihood": ["--dequant", "uniform"],
+    # Gaussian dequantization (TarFlow's generation noise at ImageNet-64's level) without the
+    # per-pixel standardization
+    "noise": ["--dequant", "gaussian", "--noise-std", "0.05", "--no-standardize"],
+    # noise-conditional training (iTARFlow): levels in [0.05, 0.3], sample with --denoise-steps
+    "noise-cond": ["--dequant", "gaussian", "--noise-std", "0.05", "--noise-max", "0.3"],
     # the original TarFlow generation recipe as far as the CLI expresses it (tarflow-imagenet64:
-    # Gaussian 0.05, label drop 0.1, lr 1e-4, batch 256, no marginals or whitening)
-    # noise-conditional training (iTARFlow): levels in [0.01, 0.3], sample with --denoise-steps
-    "noise-cond": ["--dequant", "gaussian", "--noise-std", "0.01", "--noise-max", "0.3"],
+    # Gaussian 0.05, label drop 0.1, lr 1e-4, batch 256, no maps in front of the flow, sampled
+    # at temperature 1)
     "original-gen": ["--dequant", "gaussian", "--noise-std", "0.05", "--label-drop", "0.1",
-                     "--lr", "1e-4", "--batch-size", "256", "--no-marginals", "--no-whiten"],
+                     "--lr", "1e-4", "--batch-size", "256", "--no-marginals", "--no-whiten",
+                     "--no-standardize", "--sample-temperature", "1"],
 }
 
 #: the sweep over one run's sampling options: (name, eval fid / sample flags)

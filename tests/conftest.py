@@ -46,6 +46,10 @@ def perturb(model: torch.nn.Module, std: float = 0.1, seed: int = 0,
                 p.add_(noise * 0.3)
             elif "marginals" in name:  # bin masses far from uniform (ratios up to e^3)
                 p.copy_(noise * 0.7)
+            elif "standardizing" in name:  # per-pixel shifts and log-scales far from 0
+                p.add_(noise * 0.3)
+            elif name.endswith(".mix"):  # a rotation at init: make its determinant far from 1
+                p.add_(noise * 0.3)
             elif "whitening" in name:  # a patch map far from the identity
                 p.add_(noise * (0.3 if name.endswith("weight") else 0.1))
     return model
@@ -63,9 +67,13 @@ TARFLOW_VARIANTS = {
     "deep-shallow": dict(blocks=3, layers=[3, 1, 1]),
     "starflow-all": dict(scale="softplus", soft_clip=2.0, final_norm=True, layers=[2, 1],
                          num_classes=3),
-    "datamaps": dict(marginals=True, whiten=True, num_levels=17, num_classes=3),
+    "datamaps": dict(marginals=True, standardize=True, whiten=True, num_levels=17,
+                     num_classes=3),
     # noise-conditional (iTARFlow): these tests run it at its default level t = noise_std
     "noise-cond": dict(noise_std=0.05, noise_max=0.5, num_classes=3),
+    # a learned token mixing in front of every block, odd blocks on a shifted patch grid
+    "mix-shift": dict(mix=True, shift=True, num_classes=3, standardize=True, whiten=True,
+                      noise_std=0.05),
 }
 JET_VARIANTS = {
     "default": dict(),
@@ -73,7 +81,7 @@ JET_VARIANTS = {
     "spatial-only": dict(kinds=["spatial"], couplings=6),
     "cond": dict(num_classes=3),
     "scale3": dict(scale_factor=3.0, kinds=["spatial", "channels"]),
-    "datamaps": dict(marginals=True, whiten=True, num_levels=17),
+    "datamaps": dict(marginals=True, standardize=True, whiten=True, num_levels=17),
 }
 
 

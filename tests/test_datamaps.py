@@ -220,8 +220,9 @@ def test_save_load_and_training_moves_the_marginals(tmp_path):
 
 @pytest.mark.slow
 def test_short_mnist_training_beats_the_independent_pixel_model(tmp_path):
-    """150 steps (about a minute here) of the default recipe of ``transflow train --data
-    mnist.npz`` go well below the independent-pixel model's 1.69 test bits/dim."""
+    """150 steps (about a minute here) of the likelihood recipe (``transflow train --data
+    mnist.npz --dequant uniform``: the default preset without its training noise) go well
+    below the independent-pixel model's 1.69 test bits/dim."""
     from transflow.cli import build_parser
     from transflow.cli.train import request_from_args
     from transflow.io.rundir import RunDir
@@ -229,10 +230,10 @@ def test_short_mnist_training_beats_the_independent_pixel_model(tmp_path):
 
     path = str(shared_path("data/mnist.npz"))
     data = load_data(path)
-    args = build_parser().parse_args(["train", "--data", path])
+    args = build_parser().parse_args(["train", "--data", path, "--dequant", "uniform"])
     spec = new_run(request_from_args(args), data)
     model_cfg, tc = spec.model, spec.train
-    assert model_cfg.marginals and model_cfg.whiten
+    assert model_cfg.marginals and model_cfg.whiten and model_cfg.noise_std == 0
     tc = TrainConfig.from_dict(tc.to_dict() | dict(steps=150, eval_every=150, eval_images=1000,
                                                   sample_every=150, checkpoint_every=150))
     test = ImageData("mnist", data.x_train, data.y_train, data.x_test[:2000],
@@ -288,3 +289,88 @@ def test_a_noise_trained_default_model_whitens_and_denoises():
     plain = model.sample(4, seed=0)
     den = model.sample(4, seed=0, denoise=True)
     assert torch.isfinite(den).all() and 1e-4 < (den - plain).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("noise", [dict(noise_std=0.05), dict(noise_std=0.02, noise_max=0.2)])
+def test_whitening_is_fitted_to_the_training_noise(noise):
+    """A model trained with Gaussian noise fits its whitening to noised patches: a patch value
+    that never varies (here the top-left pixel of every patch is black) comes out with unit
+    variance under that noise, not blown up by the inverse of the uniform-dequantization
+    spread (0.3% of the range)."""
+    from transflow.flows.patching import patchify
+
+    model = TarFlow(tarflow_config(whiten=True, num_levels=256, **noise)).double()
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 256, (3000, 1, 8, 8), generator=g)
+    levels[:, :, ::2, ::2] = 0
+    model.init_from_data(levels)
+    sigma = model.init_noise()
+    if "noise_max" in noise:  # the root mean square of U[0.02, 0.2]
+        assert sigma == pytest.approx(math.sqrt((0.02 ** 2 + 0.02 * 0.2 + 0.2 ** 2) / 3))
+    else:
+        assert sigma == 0.05
+    x = levels.double() * 2 / 255 - 1 + sigma * torch.randn(levels.shape, generator=g,
+                                                            dtype=torch.float64)
+
+    def whitened_cov(m):
+        with torch.no_grad():
+            return torch.cov(patchify(m.whitening(x)[0], 2, "cpp").reshape(-1, 4).T)
+
+    torch.testing.assert_close(whitened_cov(model), torch.eye(4, dtype=torch.float64),
+                               atol=0.1, rtol=0)
+    # the same data fitted for a model of uniform dequantization blows that noise up
+    plain = TarFlow(tarflow_config(whiten=True, num_levels=256)).double()
+    plain.init_from_data(levels)
+    assert whitened_cov(plain).diagonal().max() > 50
+
+
+def test_pixel_standardize_logdet_inverse_and_init():
+    """The per-pixel affine map: log-determinant equal to autograd's slogdet, exact inverse;
+    fitted to noised images every pixel comes out with mean 0 and variance 1, a pixel the data
+    never changes included (its spread is the noise's)."""
+    from transflow.flows.datamaps import PixelStandardize
+
+    m = PixelStandardize(2, 3).double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        m.shift.normal_(0, 0.5, generator=g)
+        m.log_scale.normal_(0, 0.8, generator=g)
+    x = torch.rand(3, 2, 3, 3, generator=g, dtype=torch.float64) * 2 - 1
+    u, logdet = m(x)
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(lambda v: m(v.view(1, 2, 3, 3))[0].flatten(),
+                                                 x[i].flatten())
+        assert abs(float(logdet[i]) - float(torch.linalg.slogdet(jac)[1])) < 1e-10
+    assert logdet.abs().min() > 1.0
+    torch.testing.assert_close(m.inverse(u), x, rtol=0, atol=1e-12)
+    images = torch.rand(5000, 2, 3, 3, generator=g, dtype=torch.float64) * 0.6 - 0.2
+    images[:, 0, 0, 0] = -1.0  # a background pixel
+    noised = images + 0.05 * torch.randn(images.shape, generator=g, dtype=torch.float64)
+    m.init_from_samples(noised.split(700))
+    out = m(noised)[0]
+    torch.testing.assert_close(out.mean(0), torch.zeros(2, 3, 3, dtype=torch.float64),
+                               atol=1e-9, rtol=0)
+    torch.testing.assert_close(out.var(0), torch.ones(2, 3, 3, dtype=torch.float64),
+                               atol=1e-9, rtol=0)
+    assert float(m.log_scale[0, 0, 0].exp()) == pytest.approx(0.05, rel=0.05)
+
+
+def test_standardize_is_fitted_before_the_whitening():
+    """init_from_data fits the maps in order: the whitening sees standardized pixels, so the
+    whole front (standardize, then whiten) whitens the noised training patches."""
+    from transflow.flows.patching import patchify
+
+    model = TarFlow(tarflow_config(standardize=True, whiten=True, num_levels=256,
+                                   noise_std=0.05)).double()
+    g = torch.Generator().manual_seed(1)
+    levels = torch.randint(0, 256, (3000, 1, 8, 8), generator=g)
+    levels[:, :, :3] = 0  # background rows
+    levels[:, :, 3:] = levels[:, :, 3:] // 2 + 40 * (torch.arange(5).view(5, 1) % 2)
+    model.init_from_data(levels)
+    x = levels.double() * 2 / 255 - 1 + 0.05 * torch.randn(levels.shape, generator=g,
+                                                           dtype=torch.float64)
+    with torch.no_grad():
+        u, _ = model.data_to_flow(x)
+        assert 0.1 < float(model.standardizing.log_scale.exp().min()) * 20 < 1.1  # ~0.05
+    cov = torch.cov(patchify(u, 2, "cpp").reshape(-1, 4).T)
+    torch.testing.assert_close(cov, torch.eye(4, dtype=torch.float64), atol=0.1, rtol=0)

@@ -39,9 +39,13 @@ def test_jet_flops_equal_pytorch_counter(datamaps):
     assert counted(build(cfg), x) == 2 * forward_flops(cfg)
 
 
-def test_tarflow_flops_equal_pytorch_counter_up_to_the_causal_half():
+@pytest.mark.parametrize("maps", [False, True])
+def test_tarflow_flops_equal_pytorch_counter_up_to_the_causal_half(maps):
+    """With ``mix`` each block's token mixing adds ``2 T D^2`` (the shift is a permutation)."""
     cfg = TarFlowConfig(image_size=8, channels=3, patch_size=2, width=32, head_dim=16, blocks=2,
-                        layers=[2, 1])
+                        layers=[2, 1], mix=maps, shift=maps)
+    plain = cfg.replace(mix=False, shift=False)
+    assert forward_flops(cfg) - forward_flops(plain) == (2 * 2 * 16 * 12 * 12 if maps else 0)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     t = cfg.tokens - 1
     # the counter charges the full t x t score matrix; we count the t (t + 1) / 2 used pairs

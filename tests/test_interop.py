@@ -300,7 +300,8 @@ def test_tarflow_export_warns_when_null_class_is_not_the_mean():
 
 @pytest.mark.parametrize("change", [dict(final_norm=True), dict(scale="softplus"),
                                     dict(soft_clip=2.0), dict(layers=[2, 1]),
-                                    dict(gelu="tanh")])
+                                    dict(gelu="tanh"), dict(mix=True), dict(shift=True),
+                                    dict(noise_std=0.05, noise_max=0.3)])
 def test_tarflow_export_refuses_what_the_original_cannot_represent(change):
     cfg = TarFlowConfig(**(dict(image_size=8, channels=3, patch_size=2, width=64, blocks=2,
                                 layers=2, head_dim=64) | change))

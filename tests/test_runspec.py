@@ -105,3 +105,32 @@ def test_a_format_1_run_resumes_to_the_figure_the_old_code_reached(tmp_path, cap
     assert final["final"] and final["step"] == 5
     # tests/fixtures/run_format1/README.md: the code of d7057d9 reached 2.3803762325709363
     assert final["test_bpd"] == pytest.approx(2.3803762325709363, rel=1e-9, abs=0)
+
+
+@pytest.mark.parametrize("family", ["tarflow", "jet"])
+def test_the_default_for_a_new_data_set_is_the_generative_recipe(family):
+    """A data set without its own preset gets the generative recipe (Gaussian noise 0.05, the
+    per-pixel standardization and whitening, no marginals); ``--dequant uniform`` is the
+    likelihood recipe (no noise, the marginals back); noise with uniform dequantization is
+    refused in one sentence."""
+    from transflow.data import ImageData
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 28, 28, 1), generator=g, dtype=torch.uint8).numpy()
+    y = (torch.arange(40) % 10).numpy()
+    data = ImageData("mine", x[:32], y[:32], x[32:], y[32:], 256, 10)
+
+    def spec(*flags):
+        args = build_parser().parse_args(["train", "--model", family, *flags])
+        return new_run(request_from_args(args), data)
+
+    gen = spec()
+    assert gen.train.dequant == "gaussian" and gen.model.noise_std == 0.05
+    assert gen.model.standardize and gen.model.whiten and not gen.model.marginals
+    lik = spec("--dequant", "uniform")
+    assert lik.train.dequant == "uniform" and lik.model.noise_std == 0
+    assert lik.model.marginals and lik.model.whiten
+    assert dataclasses.replace(lik.model, noise_std=0.05, marginals=False) == gen.model
+    assert spec("--noise-std", "0.1").model.noise_std == 0.1
+    with pytest.raises(ValueError, match="trains with uniform dequantization"):
+        spec("--dequant", "uniform", "--noise-std", "0.1")

@@ -599,3 +599,27 @@ def test_one_seed_gives_the_same_images_through_every_entry_point(saved_models, 
     got = np.asarray(Image.open(tmp_path / "grid.png"))
     scale = got.shape[0] // expected.shape[0]
     np.testing.assert_array_equal(got[::scale, ::scale], expected[..., 0])
+
+
+@pytest.mark.parametrize("family", ["tarflow", "jet"])
+def test_the_model_carries_its_default_temperature(family, tmp_path, capsys):
+    """Without ``temperature`` a model is sampled at its ``config.sample_temperature`` (what
+    its recipe chose): the same images as asking for it, others than temperature 1; saved and
+    loaded with the model, so ``transflow sample`` uses it too; bad values are refused."""
+    kw = dict(sample_temperature=0.6)
+    cfg = tarflow_config(**kw) if family == "tarflow" else jet_config(**kw)
+    model = perturb((TarFlow if family == "tarflow" else Jet)(cfg), std=0.05,
+                    scale_shift=0.1).eval()
+    default = sample(model, 3, seed=0)
+    assert torch.equal(default, sample(model, 3, seed=0, temperature=0.6))
+    assert (default - sample(model, 3, seed=0, temperature=1.0)).abs().max() > 1e-3
+    save_pretrained(model, tmp_path / "m")
+    assert main(["sample", str(tmp_path / "m"), "--n", "3", "-o", str(tmp_path / "a.npz"),
+                 "--no-progress"]) == 0
+    assert main(["sample", str(tmp_path / "m"), "--n", "3", "--temperature", "0.6",
+                 "-o", str(tmp_path / "b.npz"), "--no-progress"]) == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="sample_temperature"):
+            cfg.replace(sample_temperature=bad)

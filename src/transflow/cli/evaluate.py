@@ -213,8 +213,9 @@ def run_eval_fid(args: argparse.Namespace) -> int:
                                                   keep=args.precision_recall,
                                                   inception=args.inception, device=device,
                                                   progress=progress, dist=info)
+        sampling = dataclasses.asdict(options) | {"temperature": options.temperature_for(model)}
         what = {"model": args.model, "step": args.step, "denoise": options.denoises(model),
-                "sampling": dataclasses.asdict(options), "nonfinite_samples": bad}
+                "sampling": sampling, "nonfinite_samples": bad}
     else:
         stats, feats = fidjob.image_features(pixels, keep=args.precision_recall,
                                              inception=args.inception, device=device,

@@ -108,8 +108,17 @@ MODEL_HELP = {
                  "in [--noise-std, this], sampling starts here and denoises down (0: off)",
     "marginals": "learned per-pixel Gaussianizing map in front of the flow, started at the "
                  "training images' histograms (--no-marginals: none)",
+    "standardize": "learned affine map of each pixel in front of the flow, started at the "
+                   "training images' per-pixel mean and spread under the training noise (after "
+                   "the marginals)",
+    "sample_temperature": "prior temperature of samples when --temperature is not given "
+                          "(transflow sample, eval fid, the training grids)",
     "whiten": "learned linear map of each patch in front of the flow, started at the data's "
               "whitening (after the marginals)",
+    "mix": "TarFlow: a learned invertible linear map of each token's values in front of every "
+           "block (Glow's 1x1 convolution on patches)",
+    "shift": "TarFlow: odd blocks read the image on a patch grid moved by half a patch (a cyclic "
+             "roll), so patch borders move between blocks",
     "width": "Transformer width",
     "blocks": "TarFlow: flow blocks",
     "layers": "TarFlow: Transformer layers per block, one count or one per block (8,2,2,2)",

@@ -106,7 +106,8 @@ def _level_note(cfg: FlowConfig) -> str:
                 f"samples start at {cfg.noise_max:g} and are denoised")
     if cfg.noise_std > 0:
         return (f"; a valid upper bound for a model trained with Gaussian noise "
-                f"{cfg.noise_std:g}, not a tight one")
+                f"{cfg.noise_std:g} for its samples, not a tight one: --dequant uniform trains "
+                f"the likelihood recipe")
     return ""
 
 

@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..likelihood import dequantize_uniform
+from ..likelihood import dequantize_gaussian, dequantize_uniform
 from ..version import __version__
 from . import pretrained, sampler
-from .datamaps import Marginals, PatchWhitening, level_counts
+from .datamaps import Marginals, PatchWhitening, PixelStandardize, level_counts
 from .distribution import FlowDistribution
 from .guidance import Guidance
 
@@ -59,9 +59,11 @@ class FlowConfig:
     model was trained with; 0 for uniform dequantization) describe the data the model was fitted
     to: they set how samples map back to integer images and the denoiser's sigma. ``marginals``
     puts a learned per-dimension Gaussianizing map (:class:`~transflow.flows.datamaps.Marginals`,
-    ``K`` bins per dimension) in front of the flow, ``whiten`` a learned linear map of every
-    patch after it (:class:`~transflow.flows.datamaps.PatchWhitening`); both are started from
-    the training images by :meth:`Flow.init_from_data`.
+    ``K`` bins per dimension) in front of the flow, ``standardize`` a learned affine map of every
+    dimension after it (:class:`~transflow.flows.datamaps.PixelStandardize`), ``whiten`` a
+    learned linear map of every patch after that
+    (:class:`~transflow.flows.datamaps.PatchWhitening`); all are started from the training
+    images by :meth:`Flow.init_from_data`.
     """
 
     family: ClassVar[str] = ""
@@ -81,6 +83,9 @@ class FlowConfig:
     noise_std: float = 0.0
     marginals: bool = False
     whiten: bool = False
+    standardize: bool = False
+    #: the prior temperature sampling uses when none is given (SampleOptions.temperature)
+    sample_temperature: float = 1.0
 
     @property
     def noise_conditional(self) -> bool:
@@ -148,7 +153,11 @@ class FlowConfig:
             raise ValueError(f"num_levels must be an integer >= 2, got {self.num_levels!r}")
         if not self.noise_std >= 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}")
-        for name in ("marginals", "whiten"):
+        t = self.sample_temperature
+        if isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t)
+                                       and t > 0):
+            raise ValueError(f"sample_temperature must be a finite number > 0, got {t!r}")
+        for name in ("marginals", "whiten", "standardize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -221,6 +230,9 @@ class Flow(nn.Module):
                           else None)
         self.whitening = (PatchWhitening(c.channels, c.image_size, c.patch_size) if c.whiten
                           else None)
+        # getattr: built after the others, so models without it draw the same initial weights
+        self.standardizing = (PixelStandardize(c.channels, c.image_size)
+                              if getattr(c, "standardize", False) else None)
 
     def data_to_flow(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Data ``x [B, C, H, W]`` -> the flow stack's input and its ``logdet [B]`` (``x`` and
@@ -228,15 +240,18 @@ class Flow(nn.Module):
         logdet = None
         if self.marginals is not None:
             x, logdet = self.marginals(x)
-        if self.whitening is not None:
-            x, ld = self.whitening(x)
-            logdet = ld if logdet is None else logdet + ld
+        for m in (self.standardizing, self.whitening):
+            if m is not None:
+                x, ld = m(x)
+                logdet = ld if logdet is None else logdet + ld
         return x, logdet
 
     def flow_to_data(self, u: Tensor) -> Tensor:
         """The flow stack's input ``u [B, C, H, W]`` -> data (inverse of :meth:`data_to_flow`)."""
         if self.whitening is not None:
             u = self.whitening.inverse(u)
+        if self.standardizing is not None:
+            u = self.standardizing.inverse(u)
         return u if self.marginals is None else self.marginals.inverse(u)
 
     @torch.no_grad()
@@ -244,10 +259,11 @@ class Flow(nn.Module):
         """Data-dependent initialisation from integer training images ``levels [N, C, H, W]``
         (or an iterable of such chunks, read once): the marginal masses become their add-one
         smoothed per-pixel histograms, and the patch whitening the inverse Cholesky factor of
-        the (dequantized, marginal-mapped) patches' covariance, estimated on the first images
+        the patches' covariance (dequantized as training sees them, see :meth:`init_noise`;
+        marginal-mapped), estimated on the first images
         (up to ``WHITEN_VALUES`` values). Nothing to do without ``config.marginals`` and
         ``config.whiten``. Memory stays that of a chunk."""
-        if self.marginals is None and self.whitening is None:
+        if self.marginals is None and self.whitening is None and self.standardizing is None:
             return
         counts, kept, kept_values = None, [], 0
         for chunk in [levels] if isinstance(levels, Tensor) else levels:
@@ -255,7 +271,8 @@ class Flow(nn.Module):
             if self.marginals is not None:
                 c = level_counts(chunk, self.config.num_levels)
                 counts = c if counts is None else counts + c
-            if self.whitening is not None and kept_values < WHITEN_VALUES and len(chunk):
+            fitted = self.whitening is not None or self.standardizing is not None
+            if fitted and kept_values < WHITEN_VALUES and len(chunk):
                 take = chunk[:-(-(WHITEN_VALUES - kept_values) // chunk[0].numel())]
                 kept.append(take)
                 kept_values += take.numel()
@@ -263,18 +280,45 @@ class Flow(nn.Module):
             raise ValueError("init_from_data needs at least one image")
         if self.marginals is not None:
             self.marginals.init_from_counts(counts.to(self.marginals.logits.device))
-        if self.whitening is not None:
-            self.whitening.init_from_samples(self._flow_inputs(torch.cat(kept)))
+        # in map order: each is fitted to the outputs of the maps before it
+        for m in (self.standardizing, self.whitening):
+            if m is not None:
+                m.init_from_samples(self._flow_inputs(torch.cat(kept), before=m))
 
-    def _flow_inputs(self, levels: Tensor, batch: int = 64) -> Iterator[Tensor]:
-        """Uniformly dequantized ``levels`` through the marginal map, ``batch`` images at a
-        time, in float64 (fixed noise seed)."""
+    def _flow_inputs(self, levels: Tensor, before: nn.Module, batch: int = 64
+                     ) -> Iterator[Tensor]:
+        """``levels`` dequantized as training will see them (:meth:`init_noise`: Gaussian noise
+        for a model trained with noise, else uniform) through the maps in front of ``before``,
+        ``batch`` images at a time, in float64 (fixed noise seed)."""
         g = torch.Generator().manual_seed(0)
-        dev = self.whitening.weight.device
+        dev = next(before.parameters()).device
+        sigma = self.init_noise()
         for i in range(0, len(levels), batch):
-            x = dequantize_uniform(levels[i:i + batch], self.config.num_levels, generator=g,
-                                   dtype=torch.float64).to(dev)
-            yield x if self.marginals is None else self.marginals(x)[0]
+            k = levels[i:i + batch]
+            if sigma > 0:
+                noise = torch.randn(k.shape, generator=g, dtype=torch.float64)
+                x = dequantize_gaussian(k, self.config.num_levels, sigma, dtype=torch.float64,
+                                        noise=noise)
+            else:
+                x = dequantize_uniform(k, self.config.num_levels, generator=g,
+                                       dtype=torch.float64)
+            x = x.to(dev)
+            if self.marginals is not None:
+                x = self.marginals(x)[0]
+            if self.standardizing is not None and before is not self.standardizing:
+                x = self.standardizing(x)[0]
+            yield x
+
+    def init_noise(self) -> float:
+        """The Gaussian noise level the data-dependent initialisation assumes (0: uniform
+        dequantization): ``noise_std`` for a model of one level, the root mean square of the
+        levels ``t ~ U[noise_std, noise_max]`` of a noise-conditional one. The whitening fitted
+        to noiseless patches would blow the training noise up in every direction the data does
+        not vary (a background pixel's ``1/255`` spread against noise ``0.05``: 20x)."""
+        lo, hi = float(self.config.noise_std), float(getattr(self.config, "noise_max", 0.0))
+        if hi > 0:
+            return math.sqrt((lo * lo + lo * hi + hi * hi) / 3)
+        return lo
 
     def _checkpoint_mode(self) -> str:
         """The checkpointing that applies to this forward: ``"none"`` unless grad is enabled."""
@@ -484,7 +528,7 @@ def config_from_dict(d: dict[str, Any]) -> FlowConfig:
 
 #: config fields added after transflow 0.1: a config written before them lacks them, which means
 #: their default (the behaviour of that time)
-ADDED_FIELDS = frozenset({"noise_max"})
+ADDED_FIELDS = frozenset({"noise_max", "mix", "shift", "standardize", "sample_temperature"})
 
 
 def config_from_any(d: Any, source: str) -> FlowConfig:

@@ -49,7 +49,9 @@ class SampleOptions:
     label: int | None = _opt(None, "class label for every image (-1: unconditional); default "
                              "for a class-conditional model: image i gets class i mod "
                              "num_classes", flag="--class")
-    temperature: float = _opt(1.0, "prior temperature: latents ~ N(0, T^2 var)")
+    temperature: float | None = _opt(None, "prior temperature: latents ~ N(0, T^2 var) "
+                                     "(default: the model's config.sample_temperature, which "
+                                     "its recipe chose; 1 for most)")
     guidance: float | Guidance = _opt(0.0, "classifier-free guidance weight w >= 0 (0: none)")
     guide: str = _opt("both", f"what guidance acts on: {', '.join(GUIDES)} (the original "
                       "TarFlow's b and ab are accepted)")
@@ -80,9 +82,14 @@ class SampleOptions:
                                "static shapes, captured as a CUDA graph on CUDA, torch.compile-d "
                                "elsewhere (same samples to float rounding)")
 
+    def temperature_for(self, model: nn.Module) -> float:
+        """The prior temperature of samples of ``model``: ``temperature``, or the model's
+        ``config.sample_temperature`` when None."""
+        return model.config.sample_temperature if self.temperature is None else self.temperature
+
     def __post_init__(self) -> None:
         t = self.temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be > 0, got {t!r}")
         g = self.guidance_rule()  # checks the weight, guide, attn_temp and formula
         if not g.active and g.attn_temp != 1.0:

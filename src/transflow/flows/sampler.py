@@ -349,7 +349,7 @@ def _draw_batch(model: nn.Module, p: Prepared, start: int, count: int, y: Tensor
     denoising; ``([count, C, H, W], stats)``."""
     o = p.options
     z, gens = _noise(model, start, count, o.seed, generator)
-    z = z * o.temperature
+    z = z * o.temperature_for(model)
     if var is not None:
         z = z * var.sqrt().to(z.dtype)
     with torch.inference_mode():

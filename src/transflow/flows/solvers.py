@@ -82,7 +82,7 @@ def solve_block(block: Block, z: Tensor, y: Tensor | None, attn_temp: float | Te
     t = z.shape[1]
     segments = plan_segments(plan, t)
     ctx = InverseContext.build(block, y, attn_temp, guidance, z.shape[0], t, noise)
-    z = block.order(z)
+    z = block.order(block.leave(z, inverse=True))
     if segments == t - 1 and static is not None:
         x = static_sequential(block, z, ctx, static)
         stats = SolveStats(plan, passes=t - 1, work=1.0, converged=True,
@@ -97,7 +97,7 @@ def solve_block(block: Block, z: Tensor, y: Tensor | None, attn_temp: float | Te
     else:
         x, stats = _solve_jacobi(block, z, ctx, segments, tol, max_iters)
         stats.plan = plan
-    return block.order(x), stats
+    return block.enter_inverse(block.order(x)), stats
 
 
 def predict(block: Block, x: Tensor, ctx: InverseContext, caches: list[KVCache] | None,

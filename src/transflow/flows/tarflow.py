@@ -48,6 +48,12 @@ class TarFlowConfig(FlowConfig):
     """TarFlow hyper-parameters. ``layers`` is one count for every block or a list, one per block
     in forward (data -> latent) order.
 
+    ``mix``: every block starts with a learned invertible linear map of each token's ``D`` values
+    (Glow's 1x1 convolution on patches), so values inside one patch depend on each other beyond
+    the element-wise affine maps. ``shift``: the odd blocks read the image on a patch grid moved
+    by ``patch_size // 2`` pixels (a cyclic roll, volume-preserving), so no pixel pair is always
+    split by a patch border. Both are off in the original TarFlow.
+
     ``noise_max > 0`` makes the model noise-conditional (iTARFlow): it models data with Gaussian
     noise of any level ``t`` in ``[noise_std, noise_max]`` (``noise_std > 0`` is then the lowest
     level, where bits/dim is reported and denoising ends), every block conditioned on ``t``
@@ -69,6 +75,8 @@ class TarFlowConfig(FlowConfig):
     norm_eps: float = 1e-5
     gelu: str = "exact"
     noise_max: float = 0.0
+    mix: bool = False
+    shift: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, tuple):
@@ -123,6 +131,8 @@ class TarFlowConfig(FlowConfig):
         total = self.datamap_flops()
         for layers in self.layers_per_block():
             total += 2 * t * d * w + 2 * t * w * out
+            if self.mix:
+                total += 2 * self.tokens * d * d
             total += layers * layer_flops(t, w, self.mlp_ratio, t * (t + 1) // 2)
             if self.noise_conditional:
                 total += NoiseEmbedding.flops(w)
@@ -138,6 +148,7 @@ class TarFlowBlock(nn.Module):
     def __init__(self, cfg: TarFlowConfig, num_layers: int, reverse: bool):
         super().__init__()
         d, w = cfg.token_dim, cfg.width
+        self.geometry = (cfg.channels, cfg.image_size, cfg.patch_size)
         self.reverse = reverse
         self.nvp = cfg.nvp
         self.scale = cfg.scale
@@ -159,6 +170,43 @@ class TarFlowBlock(nn.Module):
         # created last: a model that is not noise-conditional draws the same initial weights
         self.noise_std = cfg.noise_std
         self.noise_embed = NoiseEmbedding(w) if cfg.noise_conditional else None
+        # the optional token mixing and grid shift (created after everything above, so a model
+        # without them draws the same initial weights): the mix starts as a random rotation
+        self.shift = cfg.patch_size // 2 if cfg.shift and reverse else 0
+        self.mix = (nn.Parameter(torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+                                 .float()) if cfg.mix else None)
+
+    # -- the maps around the autoregressive step: grid shift and token mixing ------------------
+    def _roll(self, tok: Tensor, k: int) -> Tensor:
+        """Tokens ``[B, T, D]`` of the image rolled by ``k`` pixels down and right."""
+        c, size, p = self.geometry
+        img = unpatchify(tok, c, size, size, p, "cpp").roll((k, k), dims=(2, 3))
+        return patchify(img, p, "cpp")
+
+    def enter(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Image-order tokens ``[B, T, D]`` -> the tokens the autoregressive step reads (on the
+        shifted grid, each token's values times ``mix``), and the log-determinant (a 0-d
+        tensor; None without ``mix``)."""
+        if self.shift:
+            x = self._roll(x, self.shift)
+        if self.mix is None:
+            return x, None
+        logabs = torch.linalg.slogdet(self.mix.double())[1] * x.shape[1]
+        return x @ self.mix.T.to(x.dtype), logabs.to(upcast(x).dtype)
+
+    def enter_inverse(self, u: Tensor) -> Tensor:
+        """The inverse of :meth:`enter`'s tokens: ``[B, T, D]`` -> image-order tokens."""
+        if self.mix is not None:
+            flat = u.double().reshape(-1, u.shape[-1]).T
+            u = torch.linalg.solve(self.mix.double(), flat).T.reshape(u.shape).to(u.dtype)
+        return self._roll(u, -self.shift) if self.shift else u
+
+    def leave(self, z: Tensor, inverse: bool = False) -> Tensor:
+        """The step's output tokens back on the image's patch grid (``inverse``: the other
+        way, the first thing inverting the block does)."""
+        if not self.shift:
+            return z
+        return self._roll(z, self.shift if inverse else -self.shift)
 
     def order(self, t: Tensor) -> Tensor:
         """Image token order <-> this block's order (an involution); works on ``[B, T, .]``."""
@@ -242,6 +290,7 @@ class TarFlowBlock(nn.Module):
                 t: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
         """Data-side tokens ``[B, T, D]`` -> ``(latent-side tokens [B, T, D], logdet [B])``;
         ``checkpoint_layers`` and the noise levels ``t``: see :meth:`transformer`."""
+        x, mix_logdet = self.enter(x)
         x = self.order(x)
         log_s, mu = self.affine(self.transformer(x[:, :-1], y, t=t,
                                                  checkpoint_layers=checkpoint_layers))
@@ -252,7 +301,9 @@ class TarFlowBlock(nn.Module):
             rest = rest * torch.exp(-log_s)
             logdet = -log_s.flatten(1).sum(1)
         z = torch.cat([x[:, :1], rest.to(x.dtype)], dim=1)
-        return self.order(z), logdet
+        if mix_logdet is not None:
+            logdet = logdet + mix_logdet
+        return self.leave(self.order(z)), logdet
 
     def make_caches(self, rows: int, length: int, like: Tensor, zero: bool = False
                     ) -> list[KVCache]:

@@ -221,9 +221,10 @@ def jet_to_bigvision(model: Jet) -> dict[str, np.ndarray]:
     if cfg.num_classes:
         raise ValueError("big_vision Jet models are unconditional; this model has "
                          f"num_classes={cfg.num_classes}")
-    if cfg.marginals or cfg.whiten:
+    if cfg.marginals or cfg.whiten or cfg.standardize:
         raise ValueError("big_vision Jet has no maps in front of the couplings; this model has "
-                         f"marginals={cfg.marginals}, whiten={cfg.whiten}")
+                         f"marginals={cfg.marginals}, whiten={cfg.whiten}, "
+                         f"standardize={cfg.standardize}")
     if cfg.mlp_ratio != 4 or cfg.norm_eps != 1e-6 or cfg.gelu != "tanh":
         raise ValueError("big_vision Jet uses mlp_ratio=4, norm_eps=1e-6 and tanh GELU; this "
                          f"model has mlp_ratio={cfg.mlp_ratio}, norm_eps={cfg.norm_eps}, "

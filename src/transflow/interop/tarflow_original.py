@@ -94,9 +94,12 @@ def _check_representable(cfg: TarFlowConfig) -> None:
         problems.append(f"norm_eps={cfg.norm_eps}")
     if cfg.gelu != "exact":
         problems.append(f"gelu={cfg.gelu!r}")
-    for name in ("marginals", "whiten"):  # the data maps in front of the flow
+    # maps the original does not have
+    for name in ("marginals", "standardize", "whiten", "mix", "shift"):
         if getattr(cfg, name):
             problems.append(f"{name}=True")
+    if cfg.noise_max:
+        problems.append(f"noise_max={cfg.noise_max} (noise-conditional)")
     if problems:
         raise ValueError("the original TarFlow code cannot represent this model "
                          f"({', '.join(problems)})")

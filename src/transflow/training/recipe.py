@@ -42,7 +42,9 @@ class TrainConfig:
     min_lr: float = _opt(1e-6, "learning rate at the end of the cosine decay")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this")
     ema_decay: float = _opt(0.999, "EMA decay of the weights used for evaluation and sampling")
-    dequant: str = _opt("uniform", "'uniform', or 'gaussian' (noise of the model's --noise-std)")
+    dequant: str = _opt("uniform", "'gaussian' (noise of the model's --noise-std: the "
+                        "generative recipe) or 'uniform' (the likelihood recipe: a preset's "
+                        "noise is dropped unless --noise-std is given)")
     label_drop: float = _opt(0.1, "probability of training a label as the null class")
     flip: bool = _opt(False, "random horizontal flips")
     log_every: int = _opt(50, "steps between metrics lines")
@@ -167,13 +169,16 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
                    fused: bool = True) -> torch.optim.AdamW:
     """AdamW (betas 0.9, 0.95) with weight decay on matrices only: biases, norms and embeddings
-    (``ndim < 2``, ``embed``) and the data maps (``marginals``, ``whitening``: decay would pull
-    an invertible map toward a singular one) are not decayed. ``fused``: one fused
+    (``ndim < 2``, ``embed``) and the data maps (``marginals``, ``standardizing``,
+    ``whitening``, TarFlow's ``mix``: decay would pull an invertible map toward a singular
+    one) are not decayed. ``fused``: one fused
     kernel per step where the parameters' device has one (CPU, CUDA; 3-4x faster than the
     default ``foreach`` update on CPU, same result to float rounding), else the default."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        exempt = p.ndim < 2 or any(k in name for k in ("embed", "marginals", "whitening"))
+        exempt = p.ndim < 2 or any(k in name for k in ("embed", "marginals", "whitening",
+                                                         "standardizing"))
+        exempt = exempt or name.endswith(".mix")
         (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]

@@ -121,13 +121,22 @@ def new_run(request: RunRequest, data: ImageData) -> RunSpec:
     if family and family != chosen.model.family:
         raise ValueError(f"preset {preset!r} is a {chosen.model.family} config, not {family}")
     train = _train_config(chosen.train, request.train)
-    # Gaussian noise leaves the marginals' support [-1, 1]: they are off unless asked for
-    off = train.dequant == "gaussian" and "marginals" not in request.model
     model = _model_config(request, chosen.model.family, preset, data,
-                          {"marginals": False} if off else {})
+                          _dequant_defaults(train.dequant, request.model, chosen.model))
     spec = RunSpec(model, train, DataSpec(request.data or "digits", request.data_options),
                    preset=preset, init_from=request.init_from)
     return complete(spec, data)
+
+
+def _dequant_defaults(dequant: str, given: dict[str, Any], preset: FlowConfig
+                      ) -> dict[str, Any]:
+    """Model settings that follow the training noise unless given: Gaussian noise leaves the
+    marginals' support [-1, 1], so they are off; uniform dequantization (the likelihood
+    recipe) trains without Gaussian noise, so ``noise_std`` (and ``noise_max``) are 0."""
+    if dequant == "gaussian":
+        return {} if "marginals" in given else {"marginals": False}
+    return {k: 0.0 for k in ("noise_std", "noise_max")
+            if k not in given and getattr(preset, k, 0.0)}
 
 
 def _model_config(request: RunRequest, family: str, preset: str, data: ImageData,
