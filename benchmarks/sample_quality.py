@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -59,7 +60,7 @@ RECIPES: dict[str, list[str]] = {
 
 #: the sweep over one run's sampling options: (name, eval fid / sample flags)
 SWEEP: list[tuple[str, list[str]]] = [
-    *[(f"temperature {t}", ["--temperature", str(t)]) for t in (1.0, 0.9, 0.8, 0.7)],
+    *[(f"temperature {t}", ["--temperature", str(t)]) for t in (1.0, 0.8, 0.7, 0.6, 0.5, 0.4)],
     *[(f"guidance {w}", ["--guidance", str(w)]) for w in (1.0, 2.0)],
     ("no denoise", ["--no-denoise"]),
     ("denoise", ["--denoise"]),
@@ -158,7 +159,8 @@ def base_record(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     return {"time": time.strftime("%Y-%m-%d %H:%M"), "data": args.data, "model": args.model,
             "recipe": args.recipe, "recipe_flags": RECIPES.get(args.recipe or ""),
             "minutes": None if args.sweep else args.minutes, "n": args.n, "run": str(run),
-            "git_commit": git_commit(), "torch": torch.__version__}
+            "git_commit": git_commit(), "torch": torch.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "note": args.note}
 
 
 def sweep_flags(noise_std: float, classes: int) -> list[tuple[str, list[str]]]:
@@ -227,6 +229,8 @@ def parse_args() -> argparse.Namespace:
                     help="with --sweep: only these entries (comma-separated names, e.g. "
                          "'denoise,temperature 0.8')")
     ap.add_argument("--cache-dir", default=None, help="FID cache (default the CLI's)")
+    ap.add_argument("--note", default="", help="free text kept in the record (e.g. what else ran "
+                    "on the machine)")
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "sample_quality"),
                     help="runs, grids and per-measurement JSON (default runs/sample_quality)")
     return ap.parse_args()

@@ -33,8 +33,10 @@ _FROM_DATA = dict(marginals=True, whiten=True)
 # with Gaussian noise (TarFlow's 0.05) and denoised when sampled; the marginals are switched off
 # under noise (their density is zero outside [-1, 1]) and the per-pixel standardization gives
 # the fast start instead; --dequant uniform turns the same preset into the likelihood recipe
-# (noise 0, marginals on)
-_GENERATIVE = dict(_FROM_DATA, standardize=True, noise_std=0.05)
+# (noise 0, marginals on). Samples are drawn at prior temperature 0.5 unless --temperature says
+# otherwise: on MNIST after 10 CPU minutes FID fell from 170 (temperature 1) through 145 (0.8),
+# 122 (0.6) and 110 (0.5) to 99 (0.4, where recall had fallen to a third)
+_GENERATIVE = dict(_FROM_DATA, standardize=True, noise_std=0.05, sample_temperature=0.5)
 
 _JET_SIX_MASKS = ["checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes",
                   "hstripes-inv"]
