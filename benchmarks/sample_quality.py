@@ -141,7 +141,7 @@ def floor(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def measure(args: argparse.Namespace, run: Path, out: Path, name: str,
             flags: list[str]) -> dict[str, Any]:
     """FID / precision / recall of N samples with ``flags``, and a 64-sample grid."""
-    tag = name.replace(" ", "_").replace(".", "p")
+    tag = f"{run.name}-" + name.replace(" ", "_").replace(".", "p")
     js, grid = out / f"fid-{tag}.json", out / f"grid-{tag}.png"
     fid_s = cli("eval", "fid", str(run), "--n", str(args.n), *fid_flags(args), *flags,
                 "--json", str(js))

@@ -1,0 +1,59 @@
+"""End to end: the shipped default recipe, trained briefly on MNIST, draws samples under a
+stated FID (the real Inception network), far closer to the data than noise images."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import transflow
+from transflow.cli import main
+from transflow.evaluation import fid_metrics as fid
+from transflow.evaluation.fid import model_features
+from transflow.sampling import SampleOptions
+
+from conftest import shared_path
+
+STEPS = 150
+N_SAMPLES, N_REF = 200, 500
+#: FID of the 150-step model's 200 default samples against 500 MNIST test images: 298.2
+#: measured here (FID is biased far upward at these counts, so the figure means something only
+#: in this setting; the model's data-dependent start scored 260.2: 150 steps do not yet beat
+#: it, see docs/sample_quality.md). Uniform noise images score far above.
+TRAINED_BELOW = 340.0
+
+
+@pytest.fixture(scope="module")
+def inception() -> torch.jit.ScriptModule:
+    try:
+        return fid.load_inception()
+    except ValueError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_a_short_default_run_on_mnist_beats_a_stated_fid(tmp_path, inception):
+    path = str(shared_path("data/mnist.npz"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", path, "--steps", str(STEPS), "--eval-every", "1000",
+                 "--eval-images", "200", "--sample-every", "1000", "--checkpoint-every", "1000",
+                 "--out", str(run), "--no-progress"]) == 0
+    model = transflow.load(str(run)).eval()
+    c = model.config
+    assert c.noise_std == 0.05 and c.standardize and c.sample_temperature == 0.5  # the default
+    with np.load(path) as z:
+        ref = fid.FeatureStats.from_features(
+            fid.inception_features(z["x_test"][:N_REF], inception, batch_size=50))
+    trained = fid.fid_from_stats(model_features(model, N_SAMPLES,
+                                                SampleOptions(batch_size=100))[0], ref)
+    noise = np.random.default_rng(0).integers(0, 256, (N_SAMPLES, 28, 28, 1), dtype=np.uint8)
+    noise_fid = fid.fid_from_stats(fid.image_stats(noise, inception, batch_size=50), ref)
+    print(f"FID of {N_SAMPLES} samples vs {N_REF} MNIST test images: trained {trained:.1f}, "
+          f"noise images {noise_fid:.1f}")
+    assert np.isfinite(trained) and trained < TRAINED_BELOW
+    assert trained < noise_fid - 100
