@@ -189,7 +189,9 @@ def main() -> None:
     out = Path(a.out_dir)
     a.recipe = a.recipe or (None if a.sweep else "default")
     out.mkdir(parents=True, exist_ok=True)
-    run = Path(a.sweep) if a.sweep else out / f"{a.model}-{a.recipe}-{a.minutes:g}min"
+    data_name = Path(a.data).stem if a.data.endswith(".npz") else a.data.replace(":", "_")
+    run = (Path(a.sweep) if a.sweep
+           else out / f"{data_name}-{a.model}-{a.recipe}-{a.minutes:g}min")
     train_wall_s = None if a.sweep else train(a, run)
     size, channels, noise_std, classes = model_shape(run)
     rec = base_record(a, run) | run_summary(run) | {"mode": "sweep" if a.sweep else "train",
