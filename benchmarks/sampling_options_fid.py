@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--ref-images", type=int, default=2000)
     ap.add_argument("--note", default="", help="free text kept in the record")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     model = transflow.load(a.run).eval()
     c = model.config
     ref = fm.reference_features(data_pixels(a.data, "train", a.ref_images, c.image_size,
