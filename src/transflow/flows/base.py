@@ -230,9 +230,9 @@ class Flow(nn.Module):
                           else None)
         self.whitening = (PatchWhitening(c.channels, c.image_size, c.patch_size) if c.whiten
                           else None)
-        # getattr: built after the others, so models without it draw the same initial weights
-        self.standardizing = (PixelStandardize(c.channels, c.image_size)
-                              if getattr(c, "standardize", False) else None)
+        # built after the others, so models without it draw the same initial weights
+        self.standardizing = (PixelStandardize(c.channels, c.image_size) if c.standardize
+                              else None)
 
     def data_to_flow(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Data ``x [B, C, H, W]`` -> the flow stack's input and its ``logdet [B]`` (``x`` and
