@@ -126,13 +126,15 @@ def fid_flags(args: argparse.Namespace) -> list[str]:
     return flags + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
 
 
-def floor(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """FID etc. of the first N test images against the same reference (the real-data floor)."""
-    test = data_pixels(args.data, "test", args.n)
-    path = out / f"floor-test-{len(test)}.npz"
-    np.savez(path, arr_0=test)
-    seconds = cli("eval", "fid", "--samples", str(path), *fid_flags(args), "--json",
-                  str(path.with_suffix(".json")))
+def floor(args: argparse.Namespace, out: Path, data_name: str) -> dict[str, Any]:
+    """FID etc. of the first N test images against the same reference (the real-data floor);
+    kept in ``out`` per data set, N and reference size, and reused (seconds 0 then)."""
+    path = out / f"floor-{data_name}-test-{args.n}-ref-{args.ref_images}.npz"
+    seconds = 0.0
+    if not path.with_suffix(".json").exists():
+        np.savez(path, arr_0=data_pixels(args.data, "test", args.n))
+        seconds = cli("eval", "fid", "--samples", str(path), *fid_flags(args), "--json",
+                      str(path.with_suffix(".json")))
     r = json.loads(path.with_suffix(".json").read_text())
     return {"floor_fid": r["fid"], "floor_precision": r.get("precision"),
             "floor_recall": r.get("recall"), "floor_n": r["n"], "floor_s": seconds}
@@ -158,6 +160,7 @@ def measure(args: argparse.Namespace, run: Path, out: Path, name: str,
 def base_record(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     return {"time": time.strftime("%Y-%m-%d %H:%M"), "data": args.data, "model": args.model,
             "recipe": args.recipe, "recipe_flags": RECIPES.get(args.recipe or ""),
+            "train_flags": shlex.split(args.train_flags), "name": args.name,
             "minutes": None if args.sweep else args.minutes, "n": args.n, "run": str(run),
             "git_commit": git_commit(), "torch": torch.__version__,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "note": args.note}
@@ -191,14 +194,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data_name = Path(a.data).stem if a.data.endswith(".npz") else a.data.replace(":", "_")
     run = (Path(a.sweep) if a.sweep
-           else out / f"{data_name}-{a.model}-{a.recipe}-{a.minutes:g}min")
+           else out / f"{data_name}-{a.model}-{a.recipe}{a.name and '-' + a.name}-{a.minutes:g}min")
     train_wall_s = None if a.sweep else train(a, run)
     size, channels, noise_std, classes = model_shape(run)
     rec = base_record(a, run) | run_summary(run) | {"mode": "sweep" if a.sweep else "train",
                                                     "train_wall_s": train_wall_s}
     rec["ref_images_requested"] = a.ref_images
     rec["ref_images"], rec["reference_s"] = reference(a, size, channels)
-    rec |= floor(a, out)
+    rec |= floor(a, out, data_name)
     runs = sweep_flags(noise_std, classes) if a.sweep else [("stated", shlex.split(a.sample_flags))]
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     for name, flags in runs:
@@ -225,6 +228,7 @@ def parse_args() -> argparse.Namespace:
                     help="reference: the first K training images (default 2000)")
     ap.add_argument("--sample-flags", default="", help="sampling flags of the measurement")
     ap.add_argument("--train-flags", default="", help="more training flags")
+    ap.add_argument("--name", default="", help="run name suffix (for --train-flags variants)")
     ap.add_argument("--sweep", default=None, metavar="RUN",
                     help="no training: sweep the sampling options of this run")
     ap.add_argument("--only", default="", metavar="NAMES",
