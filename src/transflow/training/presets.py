@@ -54,8 +54,9 @@ _DIGITS_TRAIN = TrainConfig(steps=1000, batch_size=128, lr=5e-3, warmup=100, eva
 _SMALL_TRAIN = TrainConfig(steps=20000, batch_size=16, lr=3e-3, warmup=200, eval_every=2000,
                            sample_every=4000, checkpoint_every=2000, ema_decay=0.999,
                            dequant="gaussian")
-# Jet keeps batch 64 at lr 1e-3: on MNIST after 5 minutes batch 16 measured no better (FID of
-# 500 samples 172 at lr 1e-3, 174 at 3e-3; its 10-minute figure at batch 64 is 169 at n = 1000)
+# Jet keeps batch 64 at lr 1e-3 for now: on MNIST after 5 minutes batch 16 scored FID 172 (lr
+# 1e-3) and 174 (3e-3) against 192 at batch 64 (500 samples), but neither its 10-minute figure
+# nor its likelihood recipe has been measured at batch 16 yet (docs/sample_quality.md)
 _SMALL_TRAIN_JET = dataclasses.replace(_SMALL_TRAIN, steps=5000, batch_size=64, lr=1e-3,
                                        eval_every=500, sample_every=1000, checkpoint_every=500)
 
