@@ -24,7 +24,7 @@ MODULES = [
     "transflow.io.hub", "transflow.interop", "transflow.interop.tarflow_original",
     "transflow.interop.jet_bigvision",
     "transflow.evaluation", "transflow.evaluation.bpd", "transflow.evaluation.fid",
-    "transflow.evaluation.fid_metrics",
+    "transflow.evaluation.fid_metrics", "transflow.evaluation.temperature",
     "transflow.training", "transflow.training.spec", "transflow.training.trainer",
     "transflow.training.recipe", "transflow.training.batches", "transflow.training.presets",
     "transflow.training.trackers", "transflow.training.flops",

@@ -118,6 +118,10 @@ def _summary_text(s: dict[str, Any], cfg: FlowConfig) -> str:
     if s.get("nonfinite_samples"):
         skipped += (f" {s['nonfinite_samples']} sample(s) of samples/final.png are not finite "
                     "(drawn mid grey).")
+    t = s.get("sample_temperature")
+    if t is not None and t != 1.0:
+        skipped += (f" Samples are drawn at prior temperature {t:g} unless --temperature says "
+                    "otherwise.")
     return (f"Trained a {s['parameters'] / 1e6:.2f}M-parameter {cfg.family} for {s['steps']} "
             f"steps in {mins:.1f} min: test bits/dim {s['test_bpd']:.4f} ± {s['test_se']:.4f} "
             f"(EMA weights, {s['test_images']} test images, {cfg.num_levels} levels, uniform "

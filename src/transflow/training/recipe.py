@@ -52,6 +52,11 @@ class TrainConfig:
     eval_images: int = _opt(2000, "test images per periodic evaluation (0: all; the final "
                             "evaluation uses all)")
     sample_every: int = _opt(1000, "steps between sample grids")
+    choose_temperature: bool = _opt(False, "after training, save the model with the sample "
+                                    "temperature of 0.5, 0.6, ..., 1.0 whose samples' pixel and "
+                                    "edge statistics are nearest the test images', when clearly "
+                                    "nearer than those at --sample-temperature "
+                                    "(docs/sample_quality.md)")
     checkpoint_every: int = _opt(500, "steps between checkpoints")
     keep_checkpoints: int = _opt(0, "also keep the checkpoints of the last K checkpoint steps "
                                  "in RUN/checkpoints/ (0: only checkpoint.pt and the one before)")
@@ -124,7 +129,7 @@ RESUMABLE = ("steps", "time_limit", "accum_steps", "prefetch", "device", "amp", 
              "parallel", "checkpointing", "reversible", "tensorboard", "wandb", "log_every",
              "eval_every", "eval_images",
              "sample_every", "checkpoint_every", "max_bad_steps", "keep_checkpoints",
-             "snapshot_every")
+             "snapshot_every", "choose_temperature")
 
 
 def resolve_schedule(cfg: TrainConfig, train_images: int) -> TrainConfig:

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from .. import distributed as dist_
 from ..data import ImageData, from_datasets
 from ..evaluation.bpd import evaluate_bpd
+from ..evaluation.temperature import choose_temperature
 from ..flows import Flow, FlowConfig, build
 from ..flows.base import ADDED_FIELDS
 from ..io.checkpoint import Checkpoint
@@ -450,11 +451,14 @@ class Trainer:
                 diverged = (f"the final EMA weights are not finite ({len(bad)} tensor(s), e.g. "
                             f"{bad[0]!r})" if bad else f"the final test bits/dim is {ev['bpd']}")
             else:
+                self.choose_temperature(final)
                 nonfinite = self.sample_grid("final.png", final)
+        temperature = None if final is None else final.config.sample_temperature
         self.log({"step": self.state.step, "test_bpd": ev["bpd"], "test_se": ev["se"],
                   "test_images": ev["images"], "final": True, "time": elapsed,
                   "peak_rss_mb": rss,
-                  **({} if nonfinite is None else {"nonfinite_samples": nonfinite})})
+                  **({} if nonfinite is None else {"nonfinite_samples": nonfinite}),
+                  **({} if temperature is None else {"sample_temperature": temperature})})
         if diverged:
             raise ValueError(f"training diverged: {diverged}; the model was not saved to "
                              f"{self.run.model_dir} (try a lower --lr)")
@@ -466,7 +470,7 @@ class Trainer:
             tracker.close()
         return {"run_dir": str(self.run.path), "steps": self.state.step, "test_bpd": ev["bpd"],
                 "test_se": ev["se"], "test_images": ev["images"], "seconds": elapsed,
-                "nonfinite_samples": nonfinite,
+                "nonfinite_samples": nonfinite, "sample_temperature": temperature,
                 "skipped_steps": self.state.bad_steps,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
@@ -515,6 +519,17 @@ class Trainer:
         m = build(self.model_config).to(self.device).eval()
         m.load_state_dict(sd)
         return m
+
+    def choose_temperature(self, final: Flow) -> None:
+        """With ``choose_temperature``: give the final model (the one saved and sampled from)
+        the sample temperature :func:`~transflow.evaluation.temperature.choose_temperature`
+        reads off up to 1,000 test images, and say which (rank 0)."""
+        if not self.cfg.choose_temperature or self.model_config.image_size < 2:
+            return
+        choice = choose_temperature(final, self.data.x_test[:1000], seed=self.cfg.seed)
+        for m in (final, self.model):  # self.model is the module saved when not sharded
+            m.config = dataclasses.replace(m.config, sample_temperature=choice.temperature)
+        self.say(choice.describe())
 
     def sample_grid(self, name: str, model: Flow | None = None) -> int | None:
         """A grid of EMA samples in ``samples/NAME``; returns how many were not finite (None
