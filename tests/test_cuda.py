@@ -138,8 +138,10 @@ def test_training_on_cuda_lowers_test_bpd(tmp_path, family):
     else:
         cfg = get_config("jet-digits", width=32, couplings=4, block_depth=1)
     tc = TrainConfig(steps=60, batch_size=64, lr=3e-3, warmup=5, log_every=10, eval_every=20,
-                     sample_every=60, checkpoint_every=60, ema_decay=0.9, device="cuda")
+                     sample_every=60, checkpoint_every=60, ema_decay=0.9, device="cuda",
+                     choose_temperature=True)  # samples on the GPU, statistics on the CPU
     summary = train(cfg, data, tc, tmp_path / "run", progress=False)
+    assert summary["sample_temperature"] in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     tests = [r["test_bpd"] for r in rows if "test_bpd" in r]
     assert tests[-1] < tests[0] - 0.2, tests
