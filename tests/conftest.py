@@ -82,6 +82,10 @@ JET_VARIANTS = {
     "cond": dict(num_classes=3),
     "scale3": dict(scale_factor=3.0, kinds=["spatial", "channels"]),
     "datamaps": dict(marginals=True, standardize=True, whiten=True, num_levels=17),
+    # odd couplings on a patch grid rolled by half a patch
+    "shift": dict(shift=True, kinds=["channels", "spatial"], num_classes=3),
+    # scales up to 6 per coupling, still the identity at initialisation
+    "unit-init": dict(scale_factor=6.0, unit_init=True),
 }
 
 

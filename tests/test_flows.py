@@ -131,6 +131,32 @@ def test_jet_is_identity_at_init(variant):
     assert torch.equal(model.inverse(x, y), x)
 
 
+@pytest.mark.parametrize("kind", ["channels", "spatial"])
+def test_jet_shift_is_the_coupling_on_the_rolled_image(kind):
+    """With ``shift`` an odd coupling is the same coupling (same weights) applied to the image
+    rolled by half a patch, then rolled back; even couplings are unchanged."""
+    cfg = jet_config("8x8x1", couplings=2, kinds=[kind], num_classes=3)
+    torch.manual_seed(0)
+    plain = perturb(Jet(cfg).double())
+    shifted = Jet(cfg.replace(shift=True)).double()
+    shifted.load_state_dict(plain.state_dict())
+    x, y = inputs(plain)
+    k = cfg.patch_size // 2
+    assert [c.shift for c in shifted.couplings] == [0, k]
+    for i, (a, b) in enumerate(zip(plain.couplings, shifted.couplings, strict=True)):
+        t = plain.tokens(x)
+        out_b, ld_b = b(t, y)
+        rolled = plain.tokens(x.roll((k, k), dims=(2, 3))) if i else t
+        out_a, ld_a = a(rolled, y)
+        if i:
+            out_a = plain.tokens(plain.image(out_a).roll((-k, -k), dims=(2, 3)))
+        torch.testing.assert_close(out_b, out_a, rtol=0, atol=1e-12)
+        torch.testing.assert_close(ld_b, ld_a, rtol=0, atol=1e-12)
+    z, _ = shifted(x, y)
+    assert (z - plain(x, y)[0]).abs().max() > 1e-3  # the roll changes the model
+    torch.testing.assert_close(shifted.inverse(z, y), x, rtol=0, atol=1e-10)
+
+
 def test_tarflow_is_identity_at_init():
     model = TarFlow(tarflow_config(num_classes=3))
     x, y = inputs(model, dtype=torch.float32)
@@ -221,6 +247,27 @@ def test_soft_clip_bounds_the_log_scale():
     assert log_s.max() <= 0.5 and log_s.max() > 0.49
     assert math.isclose(float(model.blocks[0].affine(torch.full((1, 1, 8), 0.1))[0][0, 0, 0]),
                         0.5 * math.tanh(0.2), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [1.5, 2.0, 6.0])
+def test_jet_unit_init_is_the_identity_and_saturates_at_scale_factor(factor):
+    """With ``unit_init`` a zero conditioner output gives s = 1 for any factor > 1 (no offset
+    at the paper's 2), and a large raw scale still gives s -> scale_factor."""
+    cfg = jet_config("4x4x3", couplings=1, kinds=["channels"], scale_factor=factor,
+                     unit_init=True)
+    model = Jet(cfg).double()
+    assert model.couplings[0].conditioner.raw_offset == -math.log(factor - 1.0)
+    x, _ = inputs(model)
+    z, logdet = model(x)
+    torch.testing.assert_close(z, x, rtol=0, atol=1e-15)
+    torch.testing.assert_close(logdet, torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        model.couplings[0].conditioner.proj_out.bias[model.config.token_dim // 2:] = 60.0
+    _, logdet = model(x)
+    torch.testing.assert_close(logdet, torch.full((3,), model.config.dims // 2
+                                                  * math.log(factor), dtype=torch.float64))
+    with pytest.raises(ValueError, match="unit_init needs scale_factor > 1"):
+        jet_config(unit_init=True, scale_factor=1.0)
 
 
 def test_jet_scale_saturates_at_scale_factor():

@@ -482,3 +482,10 @@ def test_jet_import_errors():
 def test_jet_export_refuses_conditional_models():
     with pytest.raises(ValueError, match="unconditional"):
         jet_to_bigvision(our_jet(num_classes=3))
+
+
+@pytest.mark.parametrize("change", [dict(shift=True), dict(unit_init=True, scale_factor=4.0)])
+def test_jet_export_refuses_what_big_vision_cannot_represent(change):
+    with pytest.raises(ValueError, match="shifted patch grid"):
+        jet_to_bigvision(our_jet(**change))
+    jet_to_bigvision(our_jet(unit_init=True))  # at the paper's factor 2 there is no offset

@@ -117,8 +117,8 @@ MODEL_HELP = {
               "whitening (after the marginals)",
     "mix": "TarFlow: a learned invertible linear map of each token's values in front of every "
            "block (Glow's 1x1 convolution on patches)",
-    "shift": "TarFlow: odd blocks read the image on a patch grid moved by half a patch (a cyclic "
-             "roll), so patch borders move between blocks",
+    "shift": "odd TarFlow blocks / Jet couplings read the image on a patch grid moved by half a "
+             "patch (a cyclic roll), so patch borders move between them",
     "width": "Transformer width",
     "blocks": "TarFlow: flow blocks",
     "layers": "TarFlow: Transformer layers per block, one count or one per block (8,2,2,2)",
@@ -138,6 +138,8 @@ MODEL_HELP = {
                      "-inv)",
     "scale_factor": "Jet: scales are sigmoid(.) x this",
     "perm_seed": "Jet: seed of the channel permutations",
+    "unit_init": "Jet: offset the raw scales so a zero conditioner output is the identity for "
+                 "any --scale-factor > 1",
 }
 
 _LIST_FIELDS = {"layers", "kinds", "spatial_masks"}

@@ -9,6 +9,9 @@ of couplings. Each coupling permutes, splits and transforms:
   horizontal stripes, or the same with halves swapped), split into ``[B, T/2, D]`` halves and fold
   each to ``[B, T, D/2]`` so both kinds feed the same-shaped conditioner.
 
+With ``shift`` the odd couplings do this on the image rolled cyclically by half a patch (and
+roll back after), so patch borders move between couplings.
+
 Then ``x2 <- (x2 + bias(x1)) * s`` with ``s = sigmoid(raw(x1)) * scale_factor`` and
 ``logdet += sum(log s)``; the halves are joined and the permutation undone. Conditioner outputs
 are zero-initialised, so at initialisation ``s = 1``, ``bias = 0``: the exact identity.
@@ -34,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from .base import Flow, FlowConfig, check_positive_ints
 from .guidance import Guidance
 from .layers import TransformerLayer, gelu_mode, layer_flops, upcast
-from .patching import patchify, unpatchify
+from .patching import patchify, roll_tokens, unpatchify
 
 COUPLING_KINDS = ("channels", "spatial")
 SPATIAL_MASKS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
@@ -45,7 +48,12 @@ SPATIAL_MASKS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
 class JetConfig(FlowConfig):
     """Jet hyper-parameters. ``kinds`` repeats over the ``couplings``; the k-th spatial coupling
     uses ``spatial_masks[k % len(spatial_masks)]``. ``perm_seed`` fixes the random channel
-    permutations.
+    permutations. ``shift``: the odd couplings read the image on a patch grid moved by
+    ``patch_size // 2`` pixels (a cyclic roll, volume-preserving), so no pixel pair is always
+    split by a patch border (off in the original Jet). ``unit_init``: the raw scales are
+    offset by ``-log(scale_factor - 1)``, so a zero conditioner output is the identity for any
+    ``scale_factor > 1`` (the paper's 2 needs no offset; a larger factor lets one coupling
+    expand a value by more than 2).
     """
 
     family = "jet"
@@ -62,6 +70,8 @@ class JetConfig(FlowConfig):
     norm_eps: float = 1e-6
     gelu: str = "tanh"
     perm_seed: int = 0
+    shift: bool = False
+    unit_init: bool = False
 
     def __post_init__(self) -> None:
         self.kinds = list(self.kinds)
@@ -90,6 +100,8 @@ class JetConfig(FlowConfig):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if not self.scale_factor > 0:
             raise ValueError(f"scale_factor must be > 0, got {self.scale_factor!r}")
+        if self.unit_init and not self.scale_factor > 1:
+            raise ValueError(f"unit_init needs scale_factor > 1, got {self.scale_factor!r}")
 
     def forward_flops(self) -> int:
         """Matrix-product FLOPs of one forward pass for one image (see
@@ -143,6 +155,8 @@ class ViTConditioner(nn.Module):
         self.proj_out = nn.Linear(w, 2 * half)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        # sigmoid(0 + offset) * scale_factor == 1 (unit_init)
+        self.raw_offset = -math.log(cfg.scale_factor - 1.0) if cfg.unit_init else 0.0
 
     def forward(self, x1: Tensor, y: Tensor | None, attn_temp: float | Tensor = 1.0,
                 checkpoint_layers: bool = False) -> tuple[Tensor, Tensor]:
@@ -157,7 +171,7 @@ class ViTConditioner(nn.Module):
             else:
                 h = layer(h, causal=False, attn_temp=attn_temp)
         bias, raw = upcast(self.proj_out(self.norm(h))).chunk(2, dim=-1)
-        return bias, raw
+        return bias, raw + self.raw_offset if self.raw_offset else raw
 
 
 class Coupling(nn.Module):
@@ -165,9 +179,11 @@ class Coupling(nn.Module):
 
     perm: Tensor
 
-    def __init__(self, cfg: JetConfig, kind: str, perm: Tensor):
+    def __init__(self, cfg: JetConfig, kind: str, perm: Tensor, shift: int = 0):
         super().__init__()
         self.kind = kind
+        self.shift = shift  # pixels the image is rolled by before the split (0: none)
+        self.geometry = (cfg.channels, cfg.image_size, cfg.patch_size)
         self.log_factor = math.log(cfg.scale_factor)
         self.scale_factor = cfg.scale_factor
         self.register_buffer("perm", perm)
@@ -175,6 +191,10 @@ class Coupling(nn.Module):
         self.conditioner = ViTConditioner(cfg)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens ``[B, T, D]`` -> the halves ``(x1, x2)``, each ``[B, T, D/2]`` (a
+        permutation of the values: the grid shift, then the kind's split)."""
+        if self.shift:
+            x = roll_tokens(x, *self.geometry, self.shift, "ppc")
         b, t, d = x.shape
         if self.kind == "channels":
             return x[..., self.perm].chunk(2, dim=-1)
@@ -189,7 +209,7 @@ class Coupling(nn.Module):
         else:
             halves = [x1.reshape(b, t // 2, 2 * h), x2.reshape(b, t // 2, 2 * h)]
             out[:, self.perm] = torch.cat(halves, dim=1)
-        return out
+        return roll_tokens(out, *self.geometry, -self.shift, "ppc") if self.shift else out
 
     def _params(self, x1: Tensor, y: Tensor | None,
                 checkpoint_layers: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -383,12 +403,13 @@ class Jet(Flow):
         g = torch.Generator(device="cpu").manual_seed(config.perm_seed)
         grid = config.image_size // config.patch_size
         couplings = []
-        for kind, mask in config.coupling_plan():
+        for i, (kind, mask) in enumerate(config.coupling_plan()):
             if kind == "channels":
                 perm = torch.randperm(config.token_dim, generator=g, device="cpu")
             else:
                 perm = spatial_permutation(mask, grid)
-            couplings.append(Coupling(config, kind, perm))
+            shift = config.patch_size // 2 if config.shift and i % 2 else 0
+            couplings.append(Coupling(config, kind, perm, shift))
         self.couplings = nn.ModuleList(couplings)
 
     def units(self) -> list[nn.Module]:

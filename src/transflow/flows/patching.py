@@ -42,3 +42,11 @@ def unpatchify(t: Tensor, channels: int, height: int, width: int, patch_size: in
     else:
         raise ValueError(f"unknown token order {order!r}; expected one of {TOKEN_ORDERS}")
     return x.reshape(b, channels, height, width)
+
+
+def roll_tokens(t: Tensor, channels: int, size: int, patch_size: int, k: int,
+                order: str = "cpp") -> Tensor:
+    """Tokens ``[B, T, D]`` of a ``size x size`` image -> the tokens of that image rolled
+    cyclically by ``k`` pixels down and right (a permutation of the values; ``-k`` undoes it)."""
+    img = unpatchify(t, channels, size, size, patch_size, order).roll((k, k), dims=(2, 3))
+    return patchify(img, patch_size, order)

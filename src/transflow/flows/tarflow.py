@@ -37,7 +37,7 @@ from . import solvers
 from .base import Flow, FlowConfig, check_positive_ints
 from .guidance import Guidance
 from .layers import KVCache, NoiseEmbedding, TransformerLayer, gelu_mode, layer_flops, upcast
-from .patching import patchify, unpatchify
+from .patching import patchify, roll_tokens, unpatchify
 
 SCALES = ("exp", "softplus")
 _SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(0 + shift) == 1
@@ -179,9 +179,7 @@ class TarFlowBlock(nn.Module):
     # -- the maps around the autoregressive step: grid shift and token mixing ------------------
     def _roll(self, tok: Tensor, k: int) -> Tensor:
         """Tokens ``[B, T, D]`` of the image rolled by ``k`` pixels down and right."""
-        c, size, p = self.geometry
-        img = unpatchify(tok, c, size, size, p, "cpp").roll((k, k), dims=(2, 3))
-        return patchify(img, p, "cpp")
+        return roll_tokens(tok, *self.geometry, k, "cpp")
 
     def enter(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Image-order tokens ``[B, T, D]`` -> the tokens the autoregressive step reads (on the

@@ -229,6 +229,9 @@ def jet_to_bigvision(model: Jet) -> dict[str, np.ndarray]:
         raise ValueError("big_vision Jet uses mlp_ratio=4, norm_eps=1e-6 and tanh GELU; this "
                          f"model has mlp_ratio={cfg.mlp_ratio}, norm_eps={cfg.norm_eps}, "
                          f"gelu={cfg.gelu!r}")
+    if cfg.shift or (cfg.unit_init and cfg.scale_factor != 2):
+        raise ValueError("big_vision Jet has neither a shifted patch grid nor offset scales; "
+                         f"this model has shift={cfg.shift}, unit_init={cfg.unit_init}")
     e, h = cfg.width, cfg.heads
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     per: dict[str, list[np.ndarray]] = {}
