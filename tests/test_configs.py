@@ -131,9 +131,10 @@ def test_default_preset_fits_its_patch_to_the_data():
     assert default_preset("tarflow", "mnist") == "tarflow-small"
     jet = dict(image_size=28, channels=1)
     c = fit_to_data("jet-small", **jet)  # 7 x 7 patches: an odd count, no spatial couplings
-    assert (c.patch_size, c.kinds) == (4, ["channels"])
+    assert (c.patch_size, c.kinds, c.shift) == (4, ["channels"], True)  # shifted grid instead
+    assert not fit_to_data("jet-small", **jet, shift=False).shift  # asked for: kept
     c = fit_to_data("jet-small", image_size=32, channels=3)
-    assert (c.patch_size, c.kinds) == (4, ["channels", "channels", "spatial"])
+    assert (c.patch_size, c.kinds, c.shift) == (4, ["channels", "channels", "spatial"], False)
     c = fit_to_data("jet-small", **jet, kinds=["spatial"])  # asked for: a smaller patch
     assert (c.patch_size, c.kinds) == (2, ["spatial"])
     assert fit_to_data("tarflow-small", image_size=30, channels=3).patch_size == 3

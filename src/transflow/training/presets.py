@@ -42,13 +42,13 @@ _FROM_DATA = dict(marginals=True, whiten=True)
 # move it after training where it clearly fails (choose_temperature below)
 _GENERATIVE = dict(_FROM_DATA, standardize=True, noise_std=0.05, sample_temperature=0.8)
 
-# Jet's small presets: odd couplings on a patch grid rolled by half a patch (no pixel pair always
-# split by a patch border: the 4 x 4 blocks of the samples go), and scales up to 10 per coupling,
-# started at 1 (a noised stroke pixel needs an expansion of ~16 that 2 per coupling reaches only
-# in saturation). MNIST, 5 minutes, half the machine, FID of 500 samples / bits/dim under noise:
-# neither 170.4 / 4.945, shift 163.4 / 4.852, shift + factor 4 163.1 / 4.802, shift + factor 10
-# 161.5 / 4.787 (docs/sample_quality.md)
-_JET_SMALL = dict(shift=True, scale_factor=10.0, unit_init=True)
+# Jet's small presets: scales up to 10 per coupling, started at 1 (a noised stroke pixel needs an
+# expansion of ~16 that 2 per coupling reaches only in saturation); on an odd patch grid
+# (fit_to_data) also the shifted grid. 5 minutes, half the machine, FID of 500 samples / bits/dim
+# under noise, docs/sample_quality.md: MNIST (channel couplings) neither 170.4 / 4.945, shift
+# 163.4 / 4.852, shift + factor 10 161.5 / 4.787; CIFAR-10 subset (spatial couplings too)
+# neither 293.3 / 5.090, factor 10 291.5 / 5.079, shift 378.1 / 5.019
+_JET_SMALL = dict(scale_factor=10.0, unit_init=True)
 
 _JET_SIX_MASKS = ["checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes",
                   "hstripes-inv"]
@@ -122,7 +122,8 @@ _ALL = [
                                           blocks=4, layers=2, num_classes=10, **_GENERATIVE),
            _SMALL_TRAIN),
     # on 28 x 28 images (a 7 x 7 grid of patches) the default keeps patch 4 with channel
-    # couplings only (fit_to_data): faster and better than patch 2 at equal time
+    # couplings only, the odd ones on the shifted grid (fit_to_data): faster and better than
+    # patch 2 at equal time
     Preset("jet-small", JetConfig(image_size=32, channels=3, patch_size=4, couplings=8,
                                   block_depth=2, width=128, heads=2, num_classes=10,
                                   **_GENERATIVE, **_JET_SMALL), _SMALL_TRAIN_JET),
@@ -158,13 +159,15 @@ def default_preset(family: str, data_name: str) -> str:
 def fit_to_data(name: str, **fields: Any) -> FlowConfig:
     """:func:`get_config` for data of another shape (``fields``: image size, channels, ...),
     adapted until the config is valid: the preset's patch size, then (Jet) channel couplings
-    only where the token grid is odd (spatial couplings split the tokens in halves), then
-    smaller patches (unless ``patch_size`` is given). ``ValueError`` (the first one met) if
+    only where the token grid is odd (spatial couplings split the tokens in halves), with the
+    odd couplings on the shifted patch grid unless ``shift`` is given (the mixing across patch
+    borders that spatial couplings would bring), then smaller patches (unless ``patch_size`` is
+    given). ``ValueError`` (the first one met) if
     nothing fits."""
     preset = get_preset(name).model
     variants: list[dict[str, Any]] = [{}]
     if isinstance(preset, JetConfig) and "kinds" not in fields:
-        variants.append({"kinds": ["channels"]})
+        variants.append({"kinds": ["channels"]} | ({} if "shift" in fields else {"shift": True}))
     first: ValueError | None = None
     patches = ([fields.pop("patch_size")] if "patch_size" in fields
                else range(preset.patch_size, 0, -1))
