@@ -171,7 +171,7 @@ class ViTConditioner(nn.Module):
             else:
                 h = layer(h, causal=False, attn_temp=attn_temp)
         bias, raw = upcast(self.proj_out(self.norm(h))).chunk(2, dim=-1)
-        return bias, raw + self.raw_offset if self.raw_offset else raw
+        return bias, (raw + self.raw_offset) if self.raw_offset else raw
 
 
 class Coupling(nn.Module):

@@ -164,8 +164,7 @@ def fit_to_data(name: str, **fields: Any) -> FlowConfig:
     only where the token grid is odd (spatial couplings split the tokens in halves), with the
     odd couplings on the shifted patch grid unless ``shift`` is given (the mixing across patch
     borders that spatial couplings would bring), then smaller patches (unless ``patch_size`` is
-    given). ``ValueError`` (the first one met) if
-    nothing fits."""
+    given). ``ValueError`` (the first one met) if nothing fits."""
     preset = get_preset(name).model
     variants: list[dict[str, Any]] = [{}]
     if isinstance(preset, JetConfig) and "kinds" not in fields:
