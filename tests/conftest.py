@@ -86,6 +86,8 @@ JET_VARIANTS = {
     "shift": dict(shift=True, kinds=["channels", "spatial"], num_classes=3),
     # scales up to 6 per coupling, still the identity at initialisation
     "unit-init": dict(scale_factor=6.0, unit_init=True),
+    # tokens of an odd number of values (3 x 3 patches): uneven channel halves
+    "odd-tokens": dict(image_size=9, patch_size=3, kinds=["channels"], shift=True),
 }
 
 

@@ -130,13 +130,21 @@ def test_default_preset_fits_its_patch_to_the_data():
     assert default_preset("jet", "digits") == "jet-digits"
     assert default_preset("tarflow", "mnist") == "tarflow-small"
     jet = dict(image_size=28, channels=1)
-    c = fit_to_data("jet-small", **jet)  # 7 x 7 patches: an odd count, no spatial couplings
-    assert (c.patch_size, c.kinds, c.shift) == (4, ["channels"], True)  # shifted grid instead
-    assert not fit_to_data("jet-small", **jet, shift=False).shift  # asked for: kept
-    c = fit_to_data("jet-small", image_size=32, channels=3)
-    assert (c.patch_size, c.kinds, c.shift) == (4, ["channels", "channels", "spatial"], False)
-    c = fit_to_data("jet-small", **jet, kinds=["spatial"])  # asked for: a smaller patch
-    assert (c.patch_size, c.kinds) == (2, ["spatial"])
+    # Jet: the coarsest grid of at least 2 x 2 tokens whose half-token fits the width (128)
+    c = fit_to_data("jet-small", **jet)  # 2 x 2 tokens of 196 values
+    assert (c.patch_size, c.kinds, c.shift) == (14, ["channels", "channels", "spatial"], False)
+    c = fit_to_data("jet-small", image_size=32, channels=3)  # 16 x 16 x 3 / 2 = 384 > 128
+    assert (c.patch_size, c.kinds, c.shift) == (8, ["channels", "channels", "spatial"], False)
+    assert fit_to_data("jet-small", image_size=32, channels=3, width=512).patch_size == 16
+    # 28 x 28 x 3: 7 x 7 x 3 values, an odd number (no spatial couplings): channel couplings
+    # only, the odd ones on the shifted grid unless asked otherwise
+    c = fit_to_data("jet-small", image_size=28, channels=3)
+    assert (c.patch_size, c.kinds, c.shift) == (7, ["channels"], True)
+    assert not fit_to_data("jet-small", image_size=28, channels=3, shift=False).shift
+    c = fit_to_data("jet-small", **jet, patch_size=4)  # given: 7 x 7 tokens, an odd count
+    assert (c.patch_size, c.kinds, c.shift) == (4, ["channels"], True)
+    c = fit_to_data("jet-small", image_size=28, channels=3, kinds=["spatial"])  # asked for:
+    assert (c.patch_size, c.kinds) == (2, ["spatial"])  # 7: odd tokens, 4: 7 x 7 of them
     assert fit_to_data("tarflow-small", image_size=30, channels=3).patch_size == 3
     assert fit_to_data("tarflow-small", image_size=28, patch_size=7).patch_size == 7
     with pytest.raises(ValueError, match="patch_size 3 does not divide"):  # given: kept
@@ -153,6 +161,7 @@ def test_default_preset_fits_its_patch_to_the_data():
     (lambda: JetConfig(kinds=["channels", "diagonal"]), "unknown coupling kind 'diagonal'"),
     (lambda: JetConfig(spatial_masks=["zigzag"]), "unknown spatial mask 'zigzag'"),
     (lambda: JetConfig(image_size=8, channels=3, patch_size=1), "3 values"),
+    (lambda: JetConfig(image_size=28, channels=1, patch_size=7), "halves of 49 values"),
     (lambda: JetConfig(image_size=3, channels=2, patch_size=1), "the 9 tokens"),
     (lambda: TarFlowConfig(marginals=1), "marginals must be a bool"),
     (lambda: TarFlowConfig(blocks=3, layers=[2, 2]), "2 counts for 3 blocks"),

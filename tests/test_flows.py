@@ -270,6 +270,26 @@ def test_jet_unit_init_is_the_identity_and_saturates_at_scale_factor(factor):
         jet_config(unit_init=True, scale_factor=1.0)
 
 
+def test_jet_odd_tokens_transform_the_larger_half():
+    """Tokens of an odd number of values D (3 x 3 patches of one channel): a channel coupling
+    reads the first D // 2 permuted values and transforms the other D - D // 2; saturated
+    scales multiply exactly those by the scale factor."""
+    model = Jet(jet_config(image_size=9, patch_size=3, couplings=1, kinds=["channels"],
+                           scale_factor=3.0)).double()
+    d1, d2 = model.config.split_sizes
+    assert (d1, d2) == (4, 5)
+    with torch.no_grad():
+        model.couplings[0].conditioner.proj_out.bias[d2:] = 60.0  # raw-scale half
+    x, _ = inputs(model)
+    z, logdet = model(x)
+    torch.testing.assert_close(logdet, torch.full((3,), 9 * d2 * math.log(3.0),
+                                                  dtype=torch.float64))
+    t, tz = model.tokens(x), model.tokens(z)
+    perm = model.couplings[0].perm
+    torch.testing.assert_close(tz[..., perm[d1:]], 3 * t[..., perm[d1:]])
+    torch.testing.assert_close(tz[..., perm[:d1]], t[..., perm[:d1]], rtol=0, atol=0)
+
+
 def test_jet_scale_saturates_at_scale_factor():
     """raw scale -> +inf gives s -> scale_factor: the coupling multiplies x2 by 3 exactly."""
     model = Jet(jet_config("4x4x3", couplings=1, kinds=["channels"], scale_factor=3.0))

@@ -90,9 +90,10 @@ class JetConfig(FlowConfig):
                 raise ValueError(f"unknown spatial mask {m!r}; expected one of {SPATIAL_MASKS}")
         if "spatial" in self.kinds and not self.spatial_masks:
             raise ValueError("spatial couplings need at least one entry in spatial_masks")
-        if self.token_dim % 2:
-            raise ValueError(f"channel couplings split each token's {self.token_dim} values in "
-                             "halves; channels * patch_size^2 must be even")
+        if "spatial" in self.kinds and self.token_dim % 2:
+            raise ValueError(f"spatial couplings fold token halves of {self.token_dim} values; "
+                             "channels * patch_size^2 must be even (or use channel couplings "
+                             "only)")
         if "spatial" in self.kinds and self.tokens % 2:
             raise ValueError(f"spatial couplings split the {self.tokens} tokens in halves; the "
                              "number of tokens must be even (choose another patch_size)")
@@ -107,10 +108,16 @@ class JetConfig(FlowConfig):
         """Matrix-product FLOPs of one forward pass for one image (see
         :mod:`transflow.training.flops`): every coupling's conditioner on all ``T`` tokens,
         bidirectional attention."""
-        t, half, w = self.tokens, self.token_dim // 2, self.width
-        per = 2 * t * half * w + 2 * t * w * 2 * half
+        t, (d1, d2), w = self.tokens, self.split_sizes, self.width
+        per = 2 * t * d1 * w + 2 * t * w * 2 * d2
         per += self.block_depth * layer_flops(t, w, self.mlp_ratio, t * t)
         return self.couplings * per + self.datamap_flops()
+
+    @property
+    def split_sizes(self) -> tuple[int, int]:
+        """Values per token in the conditioning and the transformed half: ``D // 2`` and the
+        rest (a channel coupling of an odd ``D`` transforms one value more than it reads)."""
+        return self.token_dim // 2, self.token_dim - self.token_dim // 2
 
     def coupling_plan(self) -> list[tuple[str, str | None]]:
         """``(kind, spatial mask or None)`` for each coupling, in forward order."""
@@ -139,12 +146,13 @@ def spatial_permutation(mask: str, grid: int) -> Tensor:
 
 
 class ViTConditioner(nn.Module):
-    """ViT over ``[B, T, D/2]`` -> ``(bias, raw_scale)``, each ``[B, T, D/2]``."""
+    """ViT over the conditioning half ``[B, T, D1]`` -> ``(bias, raw_scale)``, each ``[B, T, D2]``
+    (``D1, D2 = cfg.split_sizes``: both ``D/2`` for an even ``D``)."""
 
     def __init__(self, cfg: JetConfig):
         super().__init__()
-        half, w = cfg.token_dim // 2, cfg.width
-        self.proj_in = nn.Linear(half, w)
+        (d1, d2), w = cfg.split_sizes, cfg.width
+        self.proj_in = nn.Linear(d1, w)
         self.pos_embed = nn.Parameter(torch.randn(cfg.tokens, w) / math.sqrt(w))
         self.class_embed = (nn.Parameter(torch.randn(cfg.num_classes + 1, w) * 0.02)
                             if cfg.num_classes else None)
@@ -152,7 +160,7 @@ class ViTConditioner(nn.Module):
             TransformerLayer(w, cfg.heads, cfg.mlp_ratio, cfg.norm_eps, gelu_mode(cfg.gelu))
             for _ in range(cfg.block_depth))
         self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
-        self.proj_out = nn.Linear(w, 2 * half)
+        self.proj_out = nn.Linear(w, 2 * d2)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         # sigmoid(0 + offset) * scale_factor == 1 (unit_init)
@@ -191,19 +199,21 @@ class Coupling(nn.Module):
         self.conditioner = ViTConditioner(cfg)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Tokens ``[B, T, D]`` -> the halves ``(x1, x2)``, each ``[B, T, D/2]`` (a
-        permutation of the values: the grid shift, then the kind's split)."""
+        """Tokens ``[B, T, D]`` -> the halves ``(x1, x2)``, ``[B, T, D // 2]`` and
+        ``[B, T, D - D // 2]`` (a permutation of the values: the grid shift, then the kind's
+        split)."""
         if self.shift:
             x = roll_tokens(x, *self.geometry, self.shift, "ppc")
         b, t, d = x.shape
         if self.kind == "channels":
-            return x[..., self.perm].chunk(2, dim=-1)
+            x1, x2 = x[..., self.perm].split([d // 2, d - d // 2], dim=-1)
+            return x1, x2
         x1, x2 = x[:, self.perm].chunk(2, dim=1)  # [B, T/2, D] each
         return x1.reshape(b, t, d // 2), x2.reshape(b, t, d // 2)
 
     def join(self, x1: Tensor, x2: Tensor) -> Tensor:
         b, t, h = x1.shape
-        out = torch.empty(b, t, 2 * h, dtype=x1.dtype, device=x1.device)
+        out = torch.empty(b, t, h + x2.shape[-1], dtype=x1.dtype, device=x1.device)
         if self.kind == "channels":
             out[..., self.perm] = torch.cat([x1, x2], dim=-1)
         else:

@@ -232,6 +232,9 @@ def jet_to_bigvision(model: Jet) -> dict[str, np.ndarray]:
     if cfg.shift or (cfg.unit_init and cfg.scale_factor != 2):
         raise ValueError("big_vision Jet has neither a shifted patch grid nor offset scales; "
                          f"this model has shift={cfg.shift}, unit_init={cfg.unit_init}")
+    if cfg.token_dim % 2:
+        raise ValueError("big_vision Jet splits tokens in equal halves; this model's tokens "
+                         f"have an odd number of values ({cfg.token_dim})")
     e, h = cfg.width, cfg.heads
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     per: dict[str, list[np.ndarray]] = {}

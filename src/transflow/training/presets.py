@@ -24,6 +24,9 @@ class Preset:
     name: str
     model: FlowConfig
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    # how fit_to_data picks the patch for data of another shape: "keep" the preset's patch
+    # (then smaller ones), or the "coarsest" grid the conditioners take in without a bottleneck
+    fit_patch: str = "keep"
 
 
 # the small presets (the defaults for data sets without a published preset) start from the data:
@@ -68,10 +71,11 @@ _SMALL_TRAIN = TrainConfig(steps=20000, batch_size=16, lr=3e-3, warmup=200, eval
                            dequant="gaussian", choose_temperature=True)
 # Jet trains the same way at lr 1e-3 (3e-3 was no better): on MNIST after 10 minutes batch 16
 # scored FID 167.5 against 168.6 at batch 64 (half the machine each), and its likelihood recipe
-# 1.3143 bits/dim (batch 64: 1.3091 alone, 1.3815 with a quarter of the machine). Jet keeps the
-# fixed temperature 0.8: the temperature rule moved Jet on MNIST to 1.0 (FID 200) where
-# 0.7-0.8 score 167-169 (its blocky samples carry edges of their own)
-_SMALL_TRAIN_JET = dataclasses.replace(_SMALL_TRAIN, lr=1e-3, choose_temperature=False)
+# 1.3143 bits/dim (batch 64: 1.3091 alone, 1.3815 with a quarter of the machine). The
+# temperature rule is on since Jet's tokens are coarse (sixth session): on 5-minute runs it
+# keeps 0.8 on MNIST and moves to 1.0 on the CIFAR-10 subset (FID of 500 samples 207 -> 197);
+# on the 4 x 4-pixel tokens before it moved MNIST to 1.0 (FID 200 where 0.8 scored 169)
+_SMALL_TRAIN_JET = dataclasses.replace(_SMALL_TRAIN, lr=1e-3)
 
 # the published training runs (REFERENCE §3 and §6): schedule in epochs of the data given,
 # cadences for long runs; the global batch is the paper's (spread it over processes and
@@ -121,20 +125,24 @@ _ALL = [
     Preset("tarflow-small", TarFlowConfig(image_size=28, channels=1, patch_size=4, width=128,
                                           blocks=4, layers=2, num_classes=10, **_GENERATIVE),
            _SMALL_TRAIN),
-    # on 28 x 28 images (a 7 x 7 grid of patches) the default keeps patch 4 with channel
-    # couplings only, the odd ones on the shifted grid (fit_to_data): faster and better than
-    # patch 2 at equal time; 12 couplings of one layer each (fifth session; 8 of two layers
-    # before): 10 minutes, half the machine, MNIST FID 151.5 -> 145.1 and likelihood recipe
-    # 1.2475 -> 1.2295 bits/dim, CIFAR-10 subset FID 250.2 -> 221.7 (16 of one layer: MNIST 152.0)
-    Preset("jet-small", JetConfig(image_size=32, channels=3, patch_size=4, couplings=12,
+    # 12 couplings of one layer each (fifth session; 8 of two layers before): 10 minutes, half
+    # the machine, patch 4, MNIST FID 151.5 -> 145.1 and likelihood recipe 1.2475 -> 1.2295
+    # bits/dim, CIFAR-10 subset FID 250.2 -> 221.7 (16 of one layer: MNIST 152.0). The patch is
+    # the coarsest grid the width takes in (fit_patch, coarsest_patches; sixth session): 5
+    # minutes, half the machine, FID of 500 samples, MNIST patch 4 (7 x 7 tokens) 152.4, 7
+    # (4 x 4) 111.1, 14 (2 x 2) 94.1, 28 (one token) 148.0; CIFAR-10 subset patch 8 (4 x 4)
+    # 207.1, 16 (2 x 2, half-tokens of 384 values > width 128) 275.1, patch 4 at 10 minutes 221.7
+    Preset("jet-small", JetConfig(image_size=32, channels=3, patch_size=8, couplings=12,
                                   block_depth=1, width=128, heads=2, num_classes=10,
-                                  **_GENERATIVE, **_JET_SMALL), _SMALL_TRAIN_JET),
+                                  **_GENERATIVE, **_JET_SMALL), _SMALL_TRAIN_JET,
+           fit_patch="coarsest"),
     Preset("tarflow-base", TarFlowConfig(image_size=32, channels=3, patch_size=4, width=256,
                                          blocks=4, layers=2, num_classes=10, **_GENERATIVE),
            _SMALL_TRAIN),
-    Preset("jet-base", JetConfig(image_size=32, channels=3, patch_size=4, couplings=8,
+    Preset("jet-base", JetConfig(image_size=32, channels=3, patch_size=8, couplings=8,
                                  block_depth=2, width=256, heads=4, num_classes=10,
-                                 **_GENERATIVE, **_JET_SMALL), _SMALL_TRAIN_JET),
+                                 **_GENERATIVE, **_JET_SMALL), _SMALL_TRAIN_JET,
+           fit_patch="coarsest"),
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
@@ -158,20 +166,40 @@ def default_preset(family: str, data_name: str) -> str:
     return f"{family}-digits" if data_name == "digits" else f"{family}-small"
 
 
+def coarsest_patches(image_size: int, channels: int, width: int) -> list[int]:
+    """Patch sizes, best first, for a coupling flow whose conditioners read half of each token
+    into ``width`` features: the divisors of ``image_size`` that leave at least 2 x 2 tokens
+    and a conditioning half of at most ``width`` values (``channels * P^2 // 2``), largest
+    first; every divisor, largest first, if none does. (Jet at small budgets: fewer, larger
+    tokens give better samples until a token no longer fits the width: docs/sample_quality.md.)
+    """
+    fits = [p for p in range(image_size // 2, 0, -1)
+            if image_size % p == 0 and channels * p * p // 2 <= width]
+    return fits or [p for p in range(image_size, 0, -1) if image_size % p == 0]
+
+
 def fit_to_data(name: str, **fields: Any) -> FlowConfig:
     """:func:`get_config` for data of another shape (``fields``: image size, channels, ...),
-    adapted until the config is valid: the preset's patch size, then (Jet) channel couplings
-    only where the token grid is odd (spatial couplings split the tokens in halves), with the
-    odd couplings on the shifted patch grid unless ``shift`` is given (the mixing across patch
-    borders that spatial couplings would bring), then smaller patches (unless ``patch_size`` is
-    given). ``ValueError`` (the first one met) if nothing fits."""
-    preset = get_preset(name).model
+    adapted until the config is valid: the preset's patch size (or, for a preset with
+    ``fit_patch="coarsest"``, :func:`coarsest_patches`), then (Jet) channel couplings
+    only where the token grid or the token is odd (spatial couplings split the tokens in
+    halves), with the odd couplings on the shifted patch grid unless ``shift`` is given (the
+    mixing across patch borders that spatial couplings would bring), then smaller patches
+    (unless ``patch_size`` is given). ``ValueError`` (the first one met) if nothing fits."""
+    entry = get_preset(name)
+    preset = entry.model
     variants: list[dict[str, Any]] = [{}]
     if isinstance(preset, JetConfig) and "kinds" not in fields:
         variants.append({"kinds": ["channels"]} | ({} if "shift" in fields else {"shift": True}))
     first: ValueError | None = None
-    patches = ([fields.pop("patch_size")] if "patch_size" in fields
-               else range(preset.patch_size, 0, -1))
+    if "patch_size" in fields:
+        patches: Any = [fields.pop("patch_size")]
+    elif entry.fit_patch == "coarsest":
+        size = fields.get("image_size", preset.image_size)
+        patches = coarsest_patches(size, fields.get("channels", preset.channels),
+                                   fields.get("width", getattr(preset, "width", 0)))
+    else:
+        patches = range(preset.patch_size, 0, -1)
     for p in patches:
         for v in variants:
             try:
