@@ -192,6 +192,7 @@ class Coupling(nn.Module):
         self.kind = kind
         self.shift = shift  # pixels the image is rolled by before the split (0: none)
         self.geometry = (cfg.channels, cfg.image_size, cfg.patch_size)
+        self.split_sizes = list(cfg.split_sizes)  # values read / transformed (channel kind)
         self.log_factor = math.log(cfg.scale_factor)
         self.scale_factor = cfg.scale_factor
         self.register_buffer("perm", perm)
@@ -206,7 +207,7 @@ class Coupling(nn.Module):
             x = roll_tokens(x, *self.geometry, self.shift, "ppc")
         b, t, d = x.shape
         if self.kind == "channels":
-            x1, x2 = x[..., self.perm].split([d // 2, d - d // 2], dim=-1)
+            x1, x2 = x[..., self.perm].split(self.split_sizes, dim=-1)
             return x1, x2
         x1, x2 = x[:, self.perm].chunk(2, dim=1)  # [B, T/2, D] each
         return x1.reshape(b, t, d // 2), x2.reshape(b, t, d // 2)

@@ -11,6 +11,7 @@ replaces image size, channels, classes and levels.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 from ..flows import FlowConfig, JetConfig, TarFlowConfig, config_from_dict
@@ -24,9 +25,9 @@ class Preset:
     name: str
     model: FlowConfig
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    # how fit_to_data picks the patch for data of another shape: "keep" the preset's patch
-    # (then smaller ones), or the "coarsest" grid the conditioners take in without a bottleneck
-    fit_patch: str = "keep"
+    # how fit_to_data picks the patch for data of another shape: the preset's patch (then
+    # smaller ones), or with coarsest_patch the coarsest grid the conditioners take in whole
+    coarsest_patch: bool = False
 
 
 # the small presets (the defaults for data sets without a published preset) start from the data:
@@ -129,21 +130,21 @@ _ALL = [
     # 12 couplings of one layer each (fifth session; 8 of two layers before): 10 minutes, half
     # the machine, patch 4, MNIST FID 151.5 -> 145.1 and likelihood recipe 1.2475 -> 1.2295
     # bits/dim, CIFAR-10 subset FID 250.2 -> 221.7 (16 of one layer: MNIST 152.0). The patch is
-    # the coarsest grid the width takes in (fit_patch, coarsest_patches; sixth session): 5
+    # the coarsest grid the width takes in (coarsest_patch, coarsest_patches; sixth session): 5
     # minutes, half the machine, FID of 500 samples, MNIST patch 4 (7 x 7 tokens) 152.4, 7
     # (4 x 4) 111.1, 14 (2 x 2) 94.1, 28 (one token) 148.0; CIFAR-10 subset patch 8 (4 x 4)
     # 207.1, 16 (2 x 2, half-tokens of 384 values > width 128) 275.1, patch 4 at 10 minutes 221.7
     Preset("jet-small", JetConfig(image_size=32, channels=3, patch_size=8, couplings=12,
                                   block_depth=1, width=128, heads=2, num_classes=10,
                                   **_GENERATIVE, **_JET_SMALL), _SMALL_TRAIN_JET,
-           fit_patch="coarsest"),
+           coarsest_patch=True),
     Preset("tarflow-base", TarFlowConfig(image_size=32, channels=3, patch_size=4, width=256,
                                          blocks=4, layers=2, num_classes=10, **_GENERATIVE),
            _SMALL_TRAIN),
     Preset("jet-base", JetConfig(image_size=32, channels=3, patch_size=8, couplings=8,
                                  block_depth=2, width=256, heads=4, num_classes=10,
                                  **_GENERATIVE, **_JET_SMALL), _SMALL_TRAIN_JET,
-           fit_patch="coarsest"),
+           coarsest_patch=True),
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
@@ -182,7 +183,7 @@ def coarsest_patches(image_size: int, channels: int, width: int) -> list[int]:
 def fit_to_data(name: str, **fields: Any) -> FlowConfig:
     """:func:`get_config` for data of another shape (``fields``: image size, channels, ...),
     adapted until the config is valid: the preset's patch size (or, for a preset with
-    ``fit_patch="coarsest"``, :func:`coarsest_patches`), then (Jet) channel couplings
+    ``coarsest_patch``, :func:`coarsest_patches`), then (Jet) channel couplings
     only where the token grid or the token is odd (spatial couplings split the tokens in
     halves), with the odd couplings on the shifted patch grid unless ``shift`` is given (the
     mixing across patch borders that spatial couplings would bring), then smaller patches
@@ -194,8 +195,8 @@ def fit_to_data(name: str, **fields: Any) -> FlowConfig:
         variants.append({"kinds": ["channels"]} | ({} if "shift" in fields else {"shift": True}))
     first: ValueError | None = None
     if "patch_size" in fields:
-        patches: Any = [fields.pop("patch_size")]
-    elif entry.fit_patch == "coarsest":
+        patches: Iterable[int] = [fields.pop("patch_size")]
+    elif entry.coarsest_patch:
         size = fields.get("image_size", preset.image_size)
         patches = coarsest_patches(size, fields.get("channels", preset.channels),
                                    fields.get("width", getattr(preset, "width", 0)))
