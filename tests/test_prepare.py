@@ -26,6 +26,7 @@ from transflow.data.arrays import NpyImages
 from transflow.data.huggingface import HFOptions
 from transflow.data.prepare import PrepareOptions, prepare
 from transflow.training import TrainConfig, train
+from transflow.training.batches import Prefetcher
 
 FAST = dict(batch_size=16, log_every=5, eval_every=100, eval_images=32, sample_every=100,
             checkpoint_every=100)
@@ -111,6 +112,28 @@ def test_prefetching_thread_gives_the_batches_of_the_main_thread(tmp_path):
     train(cfg, data, TrainConfig(steps=6, prefetch=3, **FAST), tmp_path / "a", progress=False)
     train(cfg, data, TrainConfig(steps=6, prefetch=0, **FAST), tmp_path / "b", progress=False)
     assert same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_prefetching_thread_runs_on_one_thread_and_keeps_the_callers_count():
+    # a second OpenMP team in the batch thread would compete with the model's step for the
+    # cores; the count the caller sees (torch keeps it process-wide) must stay its own
+    def make(step: int) -> tuple[int, int]:
+        torch.ones(1 << 17).sum()  # a parallel operator, as dequantizing a batch is
+        return step, torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pf = Prefetcher(make, 0, depth=2)
+        try:
+            assert [pf.get(s) for s in range(4)] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+            assert torch.get_num_threads() == 2
+            assert pf.get(7) == (7, 1)  # a restarted thread too
+            assert torch.get_num_threads() == 2
+        finally:
+            pf.close()
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
