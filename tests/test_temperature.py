@@ -9,36 +9,24 @@ import torch
 
 from transflow import TarFlow, TarFlowConfig
 from transflow.cli import main
-from transflow.evaluation.temperature import (
-    choose_temperature,
-    image_statistics,
-    statistics_distance,
-)
+from transflow.evaluation.temperature import choose_temperature, knn_recall
 from transflow.likelihood import unit_to_levels
 
 
-def test_statistics_of_hand_made_images():
-    # one 2 x 2 image of levels 0..2 (K = 3): values 0, 1/2, 1, 1; neighbour differences
-    # |1/2 - 0| = 1/2, |1 - 1| = 0 (rows) and |1 - 0| = 1, |1 - 1/2| = 1/2 (columns)
-    img = torch.tensor([[[[0, 1], [2, 2]]]])
-    st = image_statistics(img, 3, quantiles=4)  # quantiles at 1/8, 3/8, 5/8, 7/8
-    expect_values = torch.quantile(torch.tensor([0, .5, 1, 1], dtype=torch.float64),
-                                   torch.tensor([1 / 8, 3 / 8, 5 / 8, 7 / 8], dtype=torch.float64))
-    expect_edges = torch.quantile(torch.tensor([.5, 0, 1, .5], dtype=torch.float64),
-                                  torch.tensor([1 / 8, 3 / 8, 5 / 8, 7 / 8], dtype=torch.float64))
-    torch.testing.assert_close(st, torch.stack([expect_values, expect_edges]))
-    # black against white images: the values are 1 apart, the (flat) edges agree
-    black, white = torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.full((3, 1, 4, 4), 255)
-    assert statistics_distance(image_statistics(black, 256), image_statistics(white, 256)) == \
-        pytest.approx(1.0)
-    # speckle (random values) against smooth ramps with the same value distribution
-    ramp = torch.arange(16).repeat(5, 1, 16, 1) * 17  # columns 0, 17, ..., 255
-    speckle = ramp.flatten()[torch.randperm(ramp.numel(), generator=torch.Generator()
-                                            .manual_seed(0))].reshape(ramp.shape)
-    a, b = image_statistics(ramp, 256), image_statistics(speckle, 256)
-    assert (a[0] - b[0]).abs().max() < 1e-12 and statistics_distance(a, b) > 0.2
-    with pytest.raises(ValueError, match="two pixels"):
-        image_statistics(torch.zeros(2, 1, 1, 1), 256)
+def test_knn_recall_of_hand_made_points():
+    # fakes 0, 1, 2, 10 on a line, k = 1: radii 1, 1, 1 and 8 (10's nearest fellow is 2);
+    # reals 0.5 (within 1 of 0) and 5 (within 8 of 10) are covered, 20 and -3 are not
+    fake = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    real = torch.tensor([[0.5], [5.0], [20.0], [-3.0]])
+    assert knn_recall(real, fake, k=1) == pytest.approx(0.5)
+    # k = 2: radii 2, 1, 2, 9 -> 20 is still out (10 away from 10 > 9), -3 still out
+    assert knn_recall(real, fake, k=2) == pytest.approx(0.5)
+    # k = 3: radii 10, 9, 8, 10 -> 20 covered by 10, -3 by 0 (3 <= 10)
+    assert knn_recall(real, fake, k=3) == pytest.approx(1.0)
+    # images are flattened: the same points as 1 x 1 x 1 images
+    assert knn_recall(real.view(4, 1, 1, 1), fake.view(4, 1, 1, 1), k=1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="more than k"):
+        knn_recall(real, fake[:3], k=3)
 
 
 def _identity_flow() -> TarFlow:
@@ -58,32 +46,38 @@ def _held_out(t: float) -> torch.Tensor:
     return unit_to_levels((t * torch.randn(500, 1, 8, 8, generator=g)).clamp(-1, 1), 256)
 
 
-@pytest.mark.parametrize("true_t", [0.6, 0.9])
-def test_choose_temperature_finds_the_temperature_of_the_held_out_images(true_t):
-    model = _identity_flow()  # configured temperature 1 (the config's default)
+@pytest.mark.parametrize("true_t", [0.5, 0.6, 0.9])
+def test_choose_temperature_cools_as_far_as_half_the_coverage(true_t):
+    model = _identity_flow()  # samples T z: Gaussian images of spread T
+    model.config.sample_temperature = 0.8
     choice = choose_temperature(model, _held_out(true_t), n=128)
-    assert choice.temperature == pytest.approx(true_t) and choice.kept == 1.0
-    assert list(choice.distances) == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    # the distance grows away from the truth on both sides
-    d = list(choice.distances.values())
-    i = list(choice.distances).index(true_t)
-    assert all(d[j] > d[j + 1] for j in range(i)) and all(d[j] < d[j + 1]
-                                                          for j in range(i, len(d) - 1))
-    assert f"sample temperature {true_t:g}: its samples'" in choice.describe()
+    r = choice.recalls
+    assert list(r) == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0] and choice.kept == 0.8
+    # coverage of held-out images of spread true_t grows with the samples' spread
+    assert all(r[a] <= r[b] + 0.02 for a, b in zip(list(r)[:-1], list(r)[1:], strict=True))
+    assert r[1.0] > 0.8 and r[0.5] < (0.9 if true_t == 0.5 else 0.3)
+    # the coolest temperature keeping half the best coverage: the truth where nothing cooler
+    # covers half, at most 0.1 below it otherwise
+    best = max(r.values())
+    assert choice.temperature == min(t for t, v in r.items() if v >= 0.5 * best)
+    assert true_t - 0.1 - 1e-9 <= choice.temperature <= true_t
+    assert f"sample temperature {choice.temperature:g}: the coolest" in choice.describe()
 
 
-def test_choose_temperature_keeps_the_configured_one_unless_another_is_clearly_nearer():
+def test_choose_temperature_options_and_a_model_that_covers_nothing():
     model = _identity_flow()
     model.config.sample_temperature = 0.8
-    near = choose_temperature(model, _held_out(0.75), n=128)  # 0.7 and 0.8 about as near
-    assert near.temperature == 0.8 and "no other temperature" in near.describe()
-    assert choose_temperature(model, _held_out(0.75), n=128, margin=1.0).temperature == \
-        min(near.distances, key=near.distances.get)  # margin 1: simply the nearest
-    assert choose_temperature(model, _held_out(0.5), n=128).temperature == 0.5
-    model.config.sample_temperature = 0.65  # off the grid: tried as well
-    assert 0.65 in choose_temperature(model, _held_out(0.65), n=128).distances
-    with pytest.raises(ValueError, match="margin"):
-        choose_temperature(model, _held_out(0.5), margin=0.5)
+    held = _held_out(0.9)
+    strict = choose_temperature(model, held, n=128, keep=1.0)  # only the best coverage will do
+    assert strict.recalls[strict.temperature] == max(strict.recalls.values())
+    assert list(choose_temperature(model, held, n=128, temperatures=[0.65, 1.0]).recalls) == \
+        [0.65, 1.0]
+    far = torch.full_like(held, 255)  # every held-out image white: no sample comes near
+    nothing = choose_temperature(model, far, n=128)
+    assert max(nothing.recalls.values()) == 0 and nothing.temperature == 0.8
+    assert "configured" in nothing.describe()
+    with pytest.raises(ValueError, match="keep"):
+        choose_temperature(model, held, keep=0.0)
 
 
 def test_training_saves_the_chosen_temperature_and_keeps_the_run_config(tmp_path, capsys):

@@ -52,10 +52,10 @@ class TrainConfig:
     eval_images: int = _opt(2000, "test images per periodic evaluation (0: all; the final "
                             "evaluation uses all)")
     sample_every: int = _opt(1000, "steps between sample grids")
-    choose_temperature: bool = _opt(False, "after training, save the model with the sample "
-                                    "temperature of 0.5, 0.6, ..., 1.0 whose samples' pixel and "
-                                    "edge statistics are nearest the test images', when clearly "
-                                    "nearer than those at --sample-temperature "
+    choose_temperature: bool = _opt(False, "after training, save the model with the coolest "
+                                    "sample temperature of 0.5, 0.6, ..., 1.0 whose samples "
+                                    "still cover at least half as many test images (k-NN "
+                                    "recall) as the best-covering one's "
                                     "(docs/sample_quality.md)")
     checkpoint_every: int = _opt(500, "steps between checkpoints")
     keep_checkpoints: int = _opt(0, "also keep the checkpoints of the last K checkpoint steps "
