@@ -9,7 +9,7 @@ import torch
 
 from transflow import TarFlow, TarFlowConfig
 from transflow.cli import main
-from transflow.evaluation.temperature import choose_temperature, knn_recall
+from transflow.evaluation.temperature import choose_temperature, knn_recall, rule_pixels
 from transflow.likelihood import unit_to_levels
 
 
@@ -27,6 +27,17 @@ def test_knn_recall_of_hand_made_points():
     assert knn_recall(real.view(4, 1, 1, 1), fake.view(4, 1, 1, 1), k=1) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="more than k"):
         knn_recall(real, fake[:3], k=3)
+
+
+def test_rule_pixels_scale_and_pool_large_images():
+    small = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8)
+    torch.testing.assert_close(rule_pixels(small, 256),
+                               torch.tensor([[[[0, 1], [.2, .4]]]], dtype=torch.float64))
+    big = torch.zeros(2, 3, 128, 96, dtype=torch.uint8)
+    big[..., 0::2, :] = 255  # alternate white and black rows: every 2 x 2 block averages 1/2
+    out = rule_pixels(big, 256)
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float64
+    assert torch.allclose(out, torch.full_like(out, 0.5))
 
 
 def _identity_flow() -> TarFlow:
@@ -70,6 +81,7 @@ def test_choose_temperature_options_and_a_model_that_covers_nothing():
     held = _held_out(0.9)
     strict = choose_temperature(model, held, n=128, keep=1.0)  # only the best coverage will do
     assert strict.recalls[strict.temperature] == max(strict.recalls.values())
+    assert "at least 1 times as many" in strict.describe()
     assert list(choose_temperature(model, held, n=128, temperatures=[0.65, 1.0]).recalls) == \
         [0.65, 1.0]
     far = torch.full_like(held, 255)  # every held-out image white: no sample comes near

@@ -35,6 +35,18 @@ from ..likelihood import unit_to_levels
 
 #: the temperatures :func:`choose_temperature` tries by default
 TEMPERATURES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: images larger than this (per side) are average-pooled to it before distances are taken
+MAX_SIDE = 64
+
+
+def rule_pixels(levels: Tensor, num_levels: int) -> Tensor:
+    """Levels ``[N, C, H, W]`` -> the images the rule compares: float64 on the 0..1 scale,
+    average-pooled to ``MAX_SIDE`` per side when larger (a bound on the distances' memory)."""
+    x = levels.cpu().double() / (num_levels - 1)
+    if max(x.shape[-2:]) > MAX_SIDE:
+        size = tuple(min(s, MAX_SIDE) for s in x.shape[-2:])
+        x = torch.nn.functional.adaptive_avg_pool2d(x, size)
+    return x
 
 
 def knn_recall(real: Tensor, fake: Tensor, k: int = 3) -> float:
@@ -58,6 +70,7 @@ class TemperatureChoice:
     temperature: float
     kept: float
     recalls: dict[float, float]
+    keep: float = 0.5
 
     def describe(self) -> str:
         """One line for logs: the choice and the recalls it was read from."""
@@ -65,9 +78,10 @@ class TemperatureChoice:
         if max(self.recalls.values(), default=0) == 0:
             return (f"sample temperature {self.temperature:g} (configured): no samples cover "
                     f"any test image (k-NN recall at {tried})")
+        share = "half" if self.keep == 0.5 else f"{self.keep:g} times"
         return (f"sample temperature {self.temperature:g}: the coolest whose samples still "
-                "cover at least half as many test images as the best-covering temperature's "
-                f"(k-NN recall at {tried})")
+                f"cover at least {share} as many test images as the best-covering "
+                f"temperature's (k-NN recall at {tried})")
 
 
 @torch.no_grad()
@@ -78,19 +92,19 @@ def choose_temperature(model: Flow, images: Tensor, *,
     """The lowest temperature of ``temperatures`` whose ``n`` samples have a k-NN recall of
     ``images`` (held-out levels ``[N, C, H, W]``) at least ``keep`` times the highest recall of
     the grid (the configured temperature if no sample covers any image). Samples use the
-    default options otherwise (classes in turn, denoised when the
-    model was trained with noise) and the same seeds at every temperature; distances are taken
-    on the 0..1 scale after rounding to the data's levels."""
+    default options otherwise (classes in turn, denoised when the model was trained with
+    noise) and the same seeds at every temperature; distances are taken between
+    :func:`rule_pixels` of both, after rounding the samples to the data's levels."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must lie in (0, 1], got {keep!r}")
     levels = model.config.num_levels
-    real = images.cpu().double() / (levels - 1)
+    real = rule_pixels(images, levels)
     recalls: dict[float, float] = {}
     for t in sorted({float(t) for t in temperatures}):
         opts = SampleOptions(temperature=t, seed=seed, batch_size=batch_size)
         x = sample(model, n, opts.labels(model, n), options=opts)
         x = torch.nan_to_num(x.float().cpu(), nan=0.0, posinf=1.0, neginf=-1.0)  # as the grids
-        recalls[t] = knn_recall(real, unit_to_levels(x, levels).double() / (levels - 1), k)
+        recalls[t] = knn_recall(real, rule_pixels(unit_to_levels(x, levels), levels), k)
     kept, best = float(model.config.sample_temperature), max(recalls.values())
     chosen = min(t for t, r in recalls.items() if r >= keep * best) if best > 0 else kept
-    return TemperatureChoice(chosen, kept, recalls)
+    return TemperatureChoice(chosen, kept, recalls, keep)
