@@ -145,9 +145,10 @@ class Prefetcher:
 
     The thread runs torch's operators on one thread of its own (as torch's pin-memory thread
     does): otherwise each of its parallel operators starts a second OpenMP team that competes
-    with the model's step for every core (the default Jet on MNIST, 2 CPU threads: 439 -> 728
-    images/s, docs/training.md). The count ``torch.get_num_threads()`` reports is
-    process-wide bookkeeping, so the caller's is put back once the thread has set its own."""
+    with the model's step for every core (the default Jet's training step on 28x28 images, 2
+    CPU threads: 503 -> 886 images/s, docs/data.md). The count ``torch.get_num_threads()``
+    reports is process-wide bookkeeping, so the caller's is put back once the thread has set
+    its own."""
 
     def __init__(self, make: Callable[[int], Any], first_step: int, depth: int = 2):
         self.make, self.depth = make, depth
@@ -164,7 +165,7 @@ class Prefetcher:
         threads = torch.get_num_threads()
         self._thread.start()
         started.wait()
-        torch.set_num_threads(threads)  # this thread's own count is unchanged; the record is
+        torch.set_num_threads(threads)  # the process-wide record; this thread's team is as it was
 
     def _run(self, step: int, q: queue.Queue, stop: threading.Event,
              started: threading.Event) -> None:

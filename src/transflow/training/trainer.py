@@ -524,7 +524,7 @@ class Trainer:
         """With ``choose_temperature``: give the final model (the one saved and sampled from)
         the sample temperature :func:`~transflow.evaluation.temperature.choose_temperature`
         reads off up to 1,000 test images, and say which (rank 0)."""
-        if not self.cfg.choose_temperature or self.model_config.image_size < 2:
+        if not self.cfg.choose_temperature:
             return
         choice = choose_temperature(final, self.data.x_test[:1000], seed=self.cfg.seed)
         for m in (final, self.model):  # self.model is the module saved when not sharded
