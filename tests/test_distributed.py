@@ -140,6 +140,27 @@ def test_global_batch_must_split_evenly(monkeypatch, tmp_path, capsys):
     assert "divisible by the 2 processes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, code, says", [
+    (["train", "--data", "missing.npz"], 2, "missing.npz"),
+    (["--help"], 0, "usage: transflow"),
+])
+def test_a_torchrun_worker_exits_with_its_code_without_the_interpreter_shutdown(
+        tmp_path, argv, code, says):
+    # under torchrun the command ends with os._exit (DDP's Gloo threads outlive the process
+    # group, and one that frees a tensor during the interpreter's shutdown aborts the worker):
+    # the exit code and the flushed output are kept, the shutdown's atexit hooks do not run
+    script = ("import atexit, sys; atexit.register(print, 'interpreter shutdown'); "
+              f"sys.argv = ['transflow', *{argv!r}]; from transflow.cli import run; run()")
+    for world, shutdown in (("2", False), ("1", True)):
+        env = dict(os.environ, WORLD_SIZE=world, RANK="0", OMP_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=300)
+        out = r.stdout + r.stderr
+        assert r.returncode == code, out
+        assert says in out
+        assert ("interpreter shutdown" in out) == shutdown, (world, out)
+
+
 def test_torchrun_environment_is_read_and_checked(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert D.from_env() == D.SINGLE

@@ -1,7 +1,5 @@
 """``python -m transflow`` (also what ``torchrun -m transflow`` runs)."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

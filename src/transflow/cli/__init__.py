@@ -13,7 +13,9 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
+from .. import distributed
 from .convert import add_convert
 from .errors import UsageError
 from .evaluate import add_eval, add_fid_stats, add_score
@@ -23,7 +25,7 @@ from .push import add_push
 from .sample import add_sample
 from .train import add_train_arguments, train_from_args
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["main", "run", "build_parser", "UsageError"]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -78,5 +80,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = old_format
 
 
+def run() -> NoReturn:
+    """The ``transflow`` command (and ``python -m transflow``): :func:`main`, then exit with its
+    code; a worker under ``torchrun`` ends with :func:`transflow.distributed.exit_worker`."""
+    try:
+        code: Any = main()
+    except SystemExit as e:  # an interrupted run (130 / 143), argparse's 2
+        code = e.code
+    if distributed.from_env().enabled:
+        if isinstance(code, str):  # sys.exit's convention: the message on stderr, status 1
+            print(code, file=sys.stderr)
+        distributed.exit_worker(code if isinstance(code, int) else int(code is not None))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
