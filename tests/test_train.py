@@ -19,7 +19,7 @@ from transflow.flows import build
 from transflow.io.models import copy_weights
 from transflow.training import TrainConfig, make_batch, train
 from transflow.training.batches import mix_seed
-from transflow.training.budget import fit_steps_to_budget
+from transflow.training.budget import TimeBudget, final_reserve, fit_steps_to_budget
 
 from conftest import shared_path
 
@@ -300,6 +300,50 @@ def test_time_limit_fits_steps_and_caps_warmup():
     assert fitted.steps == 30 + int((540 - 6) * 5) and fitted.warmup == 200
     slow = fit_steps_to_budget(cfg, 30, 30, 0.0, 60.0)  # 0.5 steps/s -> 270 + 30 steps
     assert slow.steps == 30 + 240 and slow.warmup == 27
+
+
+def test_final_reserve_is_ten_percent_until_measured_then_one_and_a_half_estimates():
+    assert final_reserve(600.0, None) == pytest.approx(60.0)  # unmeasured: 10%
+    assert final_reserve(600.0, 20.0) == pytest.approx(30.0)  # 1.5 x 20 s
+    assert final_reserve(600.0, 2.0) == pytest.approx(12.0)  # at least 2% of the budget
+    assert final_reserve(600.0, 400.0) == pytest.approx(300.0)  # at most half of it
+    cfg = TrainConfig(steps=5000, warmup=200, time_limit=10.0)
+    # 30 steps in 6 s (5 steps/s), 30 s kept: 600 - 30 - 6 s left -> 2820 more steps
+    assert fit_steps_to_budget(cfg, 30, 30, 0.0, 6.0, reserve=30.0).steps == 30 + 2820
+
+
+def test_time_budget_estimates_the_final_phase_from_the_loops_own_work():
+    budget = TimeBudget(10.0, 0, 0.0, {"eval": 10000, "sample": 1616, "save": 2})
+    assert budget.final_estimate() is None and budget.reserve() == pytest.approx(60.0)
+    budget.note("eval", 2.0, 1000)  # 2 ms per test image
+    assert budget.final_estimate() is None  # sampling not measured yet
+    budget.note("sample", 1.6, 16)  # 0.1 s per sample
+    assert budget.final_estimate() == pytest.approx(20.0 + 161.6)
+    budget.note("save", 0.5, 1)  # a write counts once measured
+    assert budget.final_estimate() == pytest.approx(20.0 + 161.6 + 1.0)
+    assert budget.reserve() == pytest.approx(1.5 * 182.6)
+    budget.note("sample", 0.8, 80)  # the newest measurement replaces the older one
+    assert budget.final_estimate() == pytest.approx(20.0 + 16.16 + 1.0)
+    # the budget ends the loop where its reserve begins: 950 s of 1000 spent is past the
+    # unmeasured 10% reserve (900 s), within a measured one of 20 s (980 s)
+    budget = TimeBudget(1000 / 60, 0, 0.0, {"eval": 100, "sample": 10})
+    budget.t0 -= 950.0
+    assert budget.out_of_time(100)
+    budget.note("eval", 0.1, 100)
+    budget.note("sample", 0.1, 10)
+    assert budget.reserve() == pytest.approx(20.0)  # the 2% floor
+    assert not budget.out_of_time(100)
+
+
+def test_a_time_limited_run_fits_its_steps_and_ends_there(tmp_path):
+    # the first fit (step 30) times a small evaluation and draw for the final phase's reserve;
+    # the run then ends at the step count it fitted, which config.json records
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--time-limit", "0.1", "--steps", "100000",
+                 "--log-every", "10", "--no-progress", *tiny_flags()]) == 0
+    final = [r for r in read_metrics(run) if r.get("final")][0]
+    fitted = json.loads((run / "config.json").read_text())["train"]["steps"]
+    assert 30 < final["step"] == fitted < 100000
 
 
 def test_snapshots_and_kept_checkpoints(tmp_path, capsys):

@@ -36,6 +36,7 @@ from ..likelihood import unit_to_levels
 
 #: the temperatures :func:`choose_temperature` tries by default
 TEMPERATURES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SAMPLES_PER_TEMPERATURE = 256
 #: images larger than this (per side) are average-pooled to it before distances are taken
 MAX_SIDE = 64
 
@@ -87,7 +88,8 @@ class TemperatureChoice:
 
 @torch.no_grad()
 def choose_temperature(model: Flow, images: Tensor, *,
-                       temperatures: Sequence[float] = TEMPERATURES, n: int = 256,
+                       temperatures: Sequence[float] = TEMPERATURES,
+                       n: int = SAMPLES_PER_TEMPERATURE,
                        keep: float = 0.5, k: int = 3, seed: int = 0,
                        batch_size: int = 64) -> TemperatureChoice:
     """The lowest temperature of ``temperatures`` whose ``n`` samples have a k-NN recall of

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from .. import distributed as dist_
 from ..data import ImageData, from_datasets
 from ..evaluation.bpd import evaluate_bpd
-from ..evaluation.temperature import choose_temperature
+from ..evaluation.temperature import SAMPLES_PER_TEMPERATURE, TEMPERATURES, choose_temperature
 from ..flows import Flow, FlowConfig, build
 from ..flows.base import ADDED_FIELDS
 from ..io.checkpoint import Checkpoint
@@ -300,7 +300,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         info, state = self.info, self.state
-        budget = TimeBudget(self.cfg.time_limit, state.step, state.elapsed)
+        budget = self.budget = TimeBudget(self.cfg.time_limit, state.step, state.elapsed,
+                                          self.final_work())
         self.bar = tqdm(total=self.cfg.steps, initial=state.step, unit="step",
                         disable=not (self.progress and info.main), dynamic_ncols=True,
                         mininterval=0.5)
@@ -340,11 +341,16 @@ class Trainer:
                     # -- Sample grids and checkpoints ---------------------------------------
                     step, cfg = state.step, self.cfg
                     if step % cfg.sample_every == 0 and step != cfg.steps:
+                        t0 = time.perf_counter()
                         self.sample_grid(f"step_{step:07d}.png")
+                        budget.note("sample", time.perf_counter() - t0,
+                                    grid_labels(self.model_config)[1])
                     if cfg.snapshot_every and step % cfg.snapshot_every == 0:
                         self.save_snapshot(step)
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                        t0 = time.perf_counter()
                         self.save_checkpoint(state.elapsed + budget.spent())
+                        budget.note("save", time.perf_counter() - t0, 1)
                     if out.stop and step < cfg.steps:
                         interrupted = "SIGTERM"
                         break
@@ -403,12 +409,37 @@ class Trainer:
         at this step when the budget is spent."""
         step = self.state.step
         if budget.due(step, self.cfg.log_every):
+            if step == budget.start_step + budget.WARMUP_STEPS:
+                self.measure_final_work(budget)
             fitted = dist_.broadcast_object(budget.fit(self.cfg, step), self.info)
             if abs(fitted.steps - self.cfg.steps) > 0.02 * self.cfg.steps:
                 self.set_config(fitted)
                 self.bar.total = fitted.steps
         if out.out_of_time:
             self.set_config(dataclasses.replace(self.cfg, steps=step))
+
+    def final_work(self) -> dict[str, int]:
+        """The final phase's work in :class:`TimeBudget`'s units: the whole test split, the
+        temperature rule's and the final grid's samples, a checkpoint and the model files."""
+        samples = grid_labels(self.model_config)[1]
+        if self.cfg.choose_temperature:
+            samples += len(TEMPERATURES) * SAMPLES_PER_TEMPERATURE
+        return {"eval": len(self.data.x_test), "sample": samples, "save": 2}
+
+    def measure_final_work(self, budget: TimeBudget) -> None:
+        """Time an evaluation of 256 test images and a draw of 16 samples by the EMA model, so
+        that the budget estimates the final phase from the first fit on (the loop's own
+        evaluations, grids and checkpoints refine it). Collective: every rank calls it."""
+        t0 = time.perf_counter()
+        ev = evaluate_bpd(self.ema, self.data.x_test, self.data.y_test, limit=256,
+                          dist=self.info)
+        budget.note("eval", time.perf_counter() - t0, ev["images"])
+        model = self.plain_ema()
+        if model is not None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.sample(16, None, seed=self.cfg.seed)
+            budget.note("sample", time.perf_counter() - t0, 16)
 
     def log_step(self, lr: float, out: StepOutcome, elapsed: float) -> None:
         """Add the step to the log window; at log and evaluation steps write its metrics line
@@ -426,8 +457,10 @@ class Trainer:
                "model_tflops": rate * self.step_flops / 1e12, "grad_norm": out.grad_norm.item()}
         if step % cfg.eval_every == 0 and step != cfg.steps:
             self.ema.eval()
+            t0 = time.perf_counter()
             ev = evaluate_bpd(self.ema, self.data.x_test, self.data.y_test,
                               limit=cfg.eval_images, dist=self.info)
+            self.budget.note("eval", time.perf_counter() - t0, ev["images"])
             rec |= {"test_bpd": ev["bpd"], "test_se": ev["se"], "test_images": ev["images"]}
         rec["time"] = elapsed
         self.log(rec)
