@@ -161,6 +161,16 @@ def test_a_torchrun_worker_exits_with_its_code_without_the_interpreter_shutdown(
         assert ("interpreter shutdown" in out) == shutdown, (world, out)
 
 
+def test_a_bad_torchrun_environment_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="5", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "transflow", "train", "--steps", "1",
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("transflow train: error: bad torchrun")
+    assert "Traceback" not in r.stderr
+
+
 def test_torchrun_environment_is_read_and_checked(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert D.from_env() == D.SINGLE

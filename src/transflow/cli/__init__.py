@@ -87,7 +87,11 @@ def run() -> NoReturn:
         code: Any = main()
     except SystemExit as e:  # an interrupted run (130 / 143), argparse's 2
         code = e.code
-    if distributed.from_env().enabled:
+    try:
+        worker = distributed.from_env().enabled
+    except ValueError:  # a bad torchrun environment: main has said so
+        worker = False
+    if worker:
         if isinstance(code, str):  # sys.exit's convention: the message on stderr, status 1
             print(code, file=sys.stderr)
         distributed.exit_worker(code if isinstance(code, int) else int(code is not None))
