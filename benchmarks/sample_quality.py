@@ -18,6 +18,7 @@ goes to ``benchmarks/results/sample_quality.jsonl``; runs and grids to ``--out-d
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -129,10 +130,23 @@ def fid_flags(args: argparse.Namespace) -> list[str]:
     return flags + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
 
 
+def data_key(spec: str) -> str:
+    """The data set's name in cached file names: a file's stem and a digest of its absolute
+    path, size and modification time (two files of one name, or a file rewritten, get
+    different keys); other specs (``digits``, ``hf:...``) as written."""
+    path = Path(spec)
+    if not path.exists():
+        return spec.replace(":", "_").replace("/", "_")
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return f"{path.stem}-{hashlib.sha1(ident).hexdigest()[:8]}"
+
+
 def floor(args: argparse.Namespace, out: Path, data_name: str) -> dict[str, Any]:
     """FID etc. of the first N test images against the same reference (the real-data floor);
-    kept in ``out`` per data set, N and reference size, and reused (seconds 0 then)."""
-    path = out / f"floor-{data_name}-test-{args.n}-ref-{args.ref_images}.npz"
+    kept in ``out`` per data set (:func:`data_key`), N and reference size, and reused (seconds
+    0 then)."""
+    path = out / f"floor-{data_key(args.data)}-test-{args.n}-ref-{args.ref_images}.npz"
     seconds = 0.0
     if not path.with_suffix(".json").exists():
         np.savez(path, arr_0=data_pixels(args.data, "test", args.n))
