@@ -601,6 +601,30 @@ def test_one_seed_gives_the_same_images_through_every_entry_point(saved_models, 
     np.testing.assert_array_equal(got[::scale, ::scale], expected[..., 0])
 
 
+def test_training_grids_draw_with_the_cli_defaults_denoised_for_noise_models(tmp_path):
+    # a model trained with noise: `transflow sample` denoises by default, and so must the
+    # training grids (samples/step_*.png, samples/final.png) drawn by save_sample_grid
+    from PIL import Image
+
+    from transflow.io.images import grid, grid_labels, levels_to_pixels, save_sample_grid
+    from transflow.likelihood import unit_to_levels
+    from transflow.sampling import SampleOptions
+
+    torch.manual_seed(1)
+    model = perturb(TarFlow(tarflow_config(num_classes=3, num_levels=17, noise_std=0.1)),
+                    std=0.03, scale_shift=0.1).eval()
+    labels, n, nrow = grid_labels(model.config)
+    cli = sample(model, n, labels, options=SampleOptions(seed=3))  # the CLI's defaults
+    raw = sample(model, n, labels, options=SampleOptions(seed=3, denoise=False))
+    k = model.config.num_levels
+    as_grid = [grid(levels_to_pixels(unit_to_levels(x, k), k), nrow=nrow) for x in (cli, raw)]
+    assert not np.array_equal(*as_grid)  # denoising changes this grid
+    save_sample_grid(model, tmp_path / "grid.png", seed=3)
+    got = np.asarray(Image.open(tmp_path / "grid.png"))
+    scale = got.shape[0] // as_grid[0].shape[0]
+    np.testing.assert_array_equal(got[::scale, ::scale], as_grid[0][..., 0])
+
+
 @pytest.mark.parametrize("family", ["tarflow", "jet"])
 def test_the_model_carries_its_default_temperature(family, tmp_path, capsys):
     """Without ``temperature`` a model is sampled at its ``config.sample_temperature`` (what

@@ -333,6 +333,12 @@ def test_time_budget_estimates_the_final_phase_from_the_loops_own_work():
     budget.note("sample", 0.1, 10)
     assert budget.reserve() == pytest.approx(20.0)  # the 2% floor
     assert not budget.out_of_time(100)
+    # this session's set-up (model, initialisation) counts against the budget as well
+    late = TimeBudget(1000 / 60, 0, 0.0, {"eval": 100, "sample": 10}, setup=40.0)
+    late.t0 -= 950.0
+    late.note("eval", 0.1, 100)
+    late.note("sample", 0.1, 10)
+    assert late.out_of_time(100)
 
 
 def test_a_time_limited_run_fits_its_steps_and_ends_there(tmp_path):

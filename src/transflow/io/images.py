@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..atomic import atomic_path
 from ..flows import Flow, FlowConfig
+from ..flows.sample_options import SampleOptions
 from ..likelihood import nonfinite_images, unit_to_levels
 
 
@@ -60,13 +61,13 @@ def grid_labels(config: FlowConfig, per_class: int = 8) -> tuple[Tensor | None, 
 
 @torch.no_grad()
 def save_sample_grid(model: Flow, path: Path, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Write a PNG grid of samples drawn by the one sampler with ``seed`` (image ``i`` from seed
-    ``seed + i``, as ``transflow sample``): one row per class for conditional models, else
-    8x8. Returns the grid ``uint8 [H, W, C]`` and how many samples were not finite (drawn
-    mid grey)."""
+    """Write a PNG grid of samples drawn by the one sampler with ``transflow sample``'s default
+    options and ``seed`` (image ``i`` from seed ``seed + i``; denoised when the model was
+    trained with noise): one row per class for conditional models, else 8x8. Returns the grid
+    ``uint8 [H, W, C]`` and how many samples were not finite (drawn mid grey)."""
     cfg = model.config
     y, n, nrow = grid_labels(cfg)
-    x = model.sample(n, y, seed=seed)
+    x = model.sample(n, y, options=SampleOptions(seed=seed))
     bad = nonfinite_images(x)
     x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
     pixels = levels_to_pixels(unit_to_levels(x, cfg.num_levels), cfg.num_levels)

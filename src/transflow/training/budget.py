@@ -18,7 +18,9 @@ ESSENTIAL = ("eval", "sample")  # the final phase's work that must be measured f
 class TimeBudget:
     """``--time-limit``: after 30 steps of this session, fit ``steps`` to the budget from the
     measured speed (refitted at every log step while the machine's speed changes), keeping a
-    reserve for the final phase; and say when the budget is spent.
+    reserve for the final phase; and say when the budget is spent. The budget counts earlier
+    sessions' training time (``elapsed_before``) and this session's ``setup`` seconds (the
+    trainer's construction: model, data-dependent initialisation, checkpoint).
 
     The final phase (the whole test split's bits/dim, the temperature rule's samples, the final
     grid, the checkpoint and model files) is the training loop's own periodic work at a larger
@@ -31,10 +33,10 @@ class TimeBudget:
     WARMUP_STEPS = 30
 
     def __init__(self, minutes: float, start_step: int, elapsed_before: float,
-                 final_work: Mapping[str, int] | None = None):
+                 final_work: Mapping[str, int] | None = None, setup: float = 0.0):
         self.seconds = minutes * 60
         self.start_step = start_step
-        self.before = elapsed_before
+        self.before = elapsed_before + setup  # earlier sessions, and this one's set-up
         self.final_work = {k: n for k, n in (final_work or {}).items() if n > 0}
         self.unit_seconds: dict[str, float] = {}
         self.t0 = time.perf_counter()

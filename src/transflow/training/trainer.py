@@ -35,6 +35,7 @@ from ..evaluation.bpd import evaluate_bpd
 from ..evaluation.temperature import SAMPLES_PER_TEMPERATURE, TEMPERATURES, choose_temperature
 from ..flows import Flow, FlowConfig, build
 from ..flows.base import ADDED_FIELDS
+from ..flows.sample_options import SampleOptions
 from ..io.checkpoint import Checkpoint
 from ..io.images import grid_labels, save_sample_grid
 from ..io.models import copy_weights
@@ -146,6 +147,7 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, data: ImageData | Dataset, run: RunDir, *,
                  progress: bool = True):
+        self.started = time.perf_counter()  # --time-limit counts the set-up below too
         self.data = as_image_data(data, spec.model)
         self.spec = complete(spec, self.data)
         self.model_config, self.cfg, self.run = self.spec.model, self.spec.train, run
@@ -301,7 +303,8 @@ class Trainer:
 
         info, state = self.info, self.state
         budget = self.budget = TimeBudget(self.cfg.time_limit, state.step, state.elapsed,
-                                          self.final_work())
+                                          self.final_work(),
+                                          setup=time.perf_counter() - self.started)
         self.bar = tqdm(total=self.cfg.steps, initial=state.step, unit="step",
                         disable=not (self.progress and info.main), dynamic_ncols=True,
                         mininterval=0.5)
@@ -437,8 +440,8 @@ class Trainer:
         model = self.plain_ema()
         if model is not None:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                model.sample(16, None, seed=self.cfg.seed)
+            with torch.no_grad():  # as the grids and the rule draw: denoised when noise-trained
+                model.sample(16, options=SampleOptions(seed=self.cfg.seed))
             budget.note("sample", time.perf_counter() - t0, 16)
 
     def log_step(self, lr: float, out: StepOutcome, elapsed: float) -> None:
