@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from .recipe import TrainConfig
 
@@ -54,6 +55,13 @@ class TimeBudget:
         if units > 0:
             self.unit_seconds[kind] = seconds / units
 
+    @contextlib.contextmanager
+    def timing(self, kind: str, units: int) -> Iterator[None]:
+        """Time the enclosed work as ``units`` of ``kind`` (:meth:`note`)."""
+        t0 = time.perf_counter()
+        yield
+        self.note(kind, time.perf_counter() - t0, units)
+
     def final_estimate(self) -> float | None:
         """Seconds the final phase should take at the measured costs; None until its
         evaluation and sampling have been measured (a write counts once measured)."""
@@ -98,7 +106,7 @@ def fit_steps_to_budget(cfg: TrainConfig, done: int, step: int, before: float, s
     of the budget by default); the warmup is capped at 10% of the steps."""
     budget = cfg.time_limit * 60
     if reserve is None:
-        reserve = FALLBACK_RESERVE * budget
+        reserve = final_reserve(budget, None)
     rate = done / max(spent, 1e-9)
     left = budget - reserve - before - spent
     steps = max(step + 1, step + int(left * rate))

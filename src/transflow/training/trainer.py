@@ -344,16 +344,13 @@ class Trainer:
                     # -- Sample grids and checkpoints ---------------------------------------
                     step, cfg = state.step, self.cfg
                     if step % cfg.sample_every == 0 and step != cfg.steps:
-                        t0 = time.perf_counter()
-                        self.sample_grid(f"step_{step:07d}.png")
-                        budget.note("sample", time.perf_counter() - t0,
-                                    grid_labels(self.model_config)[1])
+                        with budget.timing("sample", grid_labels(self.model_config)[1]):
+                            self.sample_grid(f"step_{step:07d}.png")
                     if cfg.snapshot_every and step % cfg.snapshot_every == 0:
                         self.save_snapshot(step)
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                        t0 = time.perf_counter()
-                        self.save_checkpoint(state.elapsed + budget.spent())
-                        budget.note("save", time.perf_counter() - t0, 1)
+                        with budget.timing("save", 1):
+                            self.save_checkpoint(state.elapsed + budget.spent())
                     if out.stop and step < cfg.steps:
                         interrupted = "SIGTERM"
                         break
@@ -433,16 +430,14 @@ class Trainer:
         """Time an evaluation of 256 test images and a draw of 16 samples by the EMA model, so
         that the budget estimates the final phase from the first fit on (the loop's own
         evaluations, grids and checkpoints refine it). Collective: every rank calls it."""
-        t0 = time.perf_counter()
-        ev = evaluate_bpd(self.ema, self.data.x_test, self.data.y_test, limit=256,
-                          dist=self.info)
-        budget.note("eval", time.perf_counter() - t0, ev["images"])
+        with budget.timing("eval", min(256, len(self.data.x_test))):
+            evaluate_bpd(self.ema, self.data.x_test, self.data.y_test, limit=256,
+                         dist=self.info)
         model = self.plain_ema()
         if model is not None:
-            t0 = time.perf_counter()
-            with torch.no_grad():  # as the grids and the rule draw: denoised when noise-trained
+            # as the grids and the rule draw: denoised when the model was trained with noise
+            with budget.timing("sample", 16), torch.no_grad():
                 model.sample(16, options=SampleOptions(seed=self.cfg.seed))
-            budget.note("sample", time.perf_counter() - t0, 16)
 
     def log_step(self, lr: float, out: StepOutcome, elapsed: float) -> None:
         """Add the step to the log window; at log and evaluation steps write its metrics line
